@@ -1,0 +1,1 @@
+"""A distributed training runner for image classifiers, built on Hugging Face Accelerate."""

@@ -1,0 +1,68 @@
+"""Process-group setup: the Accelerator, CPU threads, the collective timeout and launch sanity checks."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+from runner.config import setting
+from runner.errors import UserError
+
+LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = setting(300, min=1)   # a collective waiting longer than this fails instead of hanging
+    threads: int = setting(0, min=0)       # CPU threads per process; 0: the host's cores / local processes
+
+
+def cpu_threads(requested: int) -> int:
+    """Split the cores between the processes on this host, so N processes do not oversubscribe N cores."""
+    if requested:
+        return requested
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+                or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local))
+
+
+def launched_world_size() -> int:
+    """The world size the launcher meant to start (torchrun/accelerate set WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def make_accelerator(cfg: DistConfig, mixed_precision: str, accumulation: int, run_dir,
+                     trackers: list[str]) -> Accelerator:
+    torch.set_num_threads(cpu_threads(cfg.threads))
+    # Without a GPU, force the CPU: then `accelerate launch --multi_gpu` gives real gloo ranks instead of
+    # N independent copies that each train on everything.
+    cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation,
+        # The loop steps the scheduler itself, once per optimizer step, whatever the world size.
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tracking")),
+        log_with=trackers or None,
+    )
+    if accelerator.num_processes != launched_world_size():
+        raise UserError(f"the launcher asked for {launched_world_size()} processes but only "
+                        f"{accelerator.num_processes} joined the process group; each would train on all the "
+                        f"data. On a CPU-only host launch with `accelerate launch --multi_gpu "
+                        f"--num_processes N` or `torchrun --nproc_per_node N`")
+    return accelerator
+
+
+def check_world_fits(world: int, micro_batch: int, num_train: int, num_eval: int) -> None:
+    if world * micro_batch > num_train:
+        raise UserError(f"world size {world} x train.micro_batch_size {micro_batch} = {world * micro_batch} "
+                        f"samples per micro-step, but the training set holds only {num_train}")
+    if world > num_eval:
+        raise UserError(f"world size {world} is larger than the evaluation set ({num_eval} samples)")

@@ -1,0 +1,10 @@
+"""User errors: one clear line and exit code 2, never a traceback (unless --debug)."""
+
+EXIT_USER_ERROR = 2
+# A run stopped by SIGUSR1/SIGTERM after saving a checkpoint: "try again later" (sysexits EX_TEMPFAIL).
+# Wrappers and torchrun --max-restarts treat it as a restartable failure.
+EXIT_PREEMPTED = 75
+
+
+class UserError(Exception):
+    """A mistake in the input (config, data, checkpoint, launch) that the user can fix."""

@@ -1,0 +1,69 @@
+"""Building the model: by name or `package.module:Class`, checked against the data before training."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import models
+from runner.config import ConfigError, setting
+from runner.errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "linear"
+    kwargs: dict = setting({})
+    channels_last: bool = False      # NHWC memory format: faster convolutions with AMX/oneDNN and tensor cores
+    compile: bool = False            # torch.compile, applied before the DDP wrap
+    sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
+
+    def validate(self):
+        try:
+            models.resolve(self.name)
+        except models.ModelNameError as e:
+            raise ConfigError(str(e)) from None
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int, data_name: str) -> nn.Module:
+    try:
+        model = models.create(cfg.name, cfg.kwargs, in_shape, num_classes)
+    except models.ModelNameError as e:
+        raise UserError(str(e)) from None
+    check_fits(model, cfg.name, in_shape, num_classes, data_name)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_fits(model: nn.Module, name: str, in_shape, num_classes: int, data_name: str) -> None:
+    """One forward pass on a dummy batch, so a mismatch is one line now rather than a traceback later."""
+    shape = "x".join(map(str, in_shape))
+    probe = copy.deepcopy(model).eval()
+    try:
+        with torch.no_grad():
+            out = probe(torch.zeros(2, *in_shape))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"model {name} does not accept {data_name} images of shape {shape} "
+                        f"({reason})") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise UserError(f"model {name} outputs shape {tuple(out.shape[1:])} per image, but {data_name} has "
+                        f"{num_classes} classes: expected ({num_classes},)")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_sample(model: nn.Module, in_shape) -> float:
+    """Forward + backward FLOPs for one sample, counted by torch's FlopCounterMode on a batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model).float().train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        probe(torch.zeros(2, *in_shape)).sum().backward()
+    return counter.get_total_flops() / 2

@@ -1,0 +1,57 @@
+"""Preemption: SIGUSR1/SIGTERM set a flag; the loop saves and exits at the next optimizer-step boundary.
+
+The handler only sets a flag, because saving inside a handler races with the step in progress. The loop
+sums the flag over ranks in the all-reduce it already makes at every optimizer step, so every rank stops
+at the same step and none is left blocked in a collective. A second signal exits at once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preemption:
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in SIGNALS:
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None:
+            os._exit(128 + signum)
+        self.signal = signum
+
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
+
+
+def slurm_job_to_requeue() -> str | None:
+    """The id that `scontrol requeue` needs: the array job's `<array>_<task>` for array jobs."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(log=print) -> bool:
+    """Ask Slurm to requeue this job (argument list, never a shell string). True if it was asked."""
+    job = slurm_job_to_requeue()
+    if not job:
+        return False
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log("error: cannot requeue: scontrol is not on PATH (inside a container?); resubmit the job to resume")
+        return False
+    log(f"requeueing Slurm job {job}")
+    result = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        log(f"error: scontrol requeue {job} failed: {result.stderr.strip()}")
+        return False
+    sys.stdout.flush()
+    return True

@@ -1,0 +1,61 @@
+"""Learning-rate schedules with linear warmup, as pure functions of the optimizer step.
+
+Every schedule is a LambdaLR multiplier, so the learning rate at any step is known without replaying the
+past, and the scheduler is stepped by the loop once per optimizer step, whatever the number of processes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from runner.config import ConfigError, setting
+
+NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = setting("constant", choices=NAMES)
+    warmup_steps: int = setting(0, min=0)
+    warmup_start_factor: float = setting(0.1, min=0.0, max=1.0)
+    step_epochs: int = setting(1, min=1)          # step: decay every this many epochs
+    milestones: list[int] = setting([])           # multistep: epochs at which to decay
+    gamma: float = setting(0.1, above=0.0)        # step, multistep: decay factor
+    min_lr_factor: float = setting(0.0, min=0.0, max=1.0)   # cosine, onecycle: floor as a fraction of lr
+    pct_start: float = setting(0.25, above=0.0, max=1.0)    # onecycle: fraction of steps rising
+
+    def validate(self):
+        if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):
+            raise ConfigError(f"schedule.milestones={self.milestones}: expected increasing epochs >= 1")
+
+
+def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """The multiplier of the base learning rate after `step` optimizer steps."""
+    if cfg.name == "onecycle":
+        rise = max(1, int(total_steps * cfg.pct_start))
+        if step < rise:
+            return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / rise
+        progress = min(1.0, (step - rise) / max(1, total_steps - rise))
+        return cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = 1.0
+    if step < cfg.warmup_steps:
+        warm = cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / cfg.warmup_steps
+    epoch = step // max(1, steps_per_epoch)
+    if cfg.name == "constant":
+        decay = 1.0
+    elif cfg.name == "step":
+        decay = cfg.gamma ** (epoch // cfg.step_epochs)
+    elif cfg.name == "multistep":
+        decay = cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    else:  # cosine, after warmup, to min_lr_factor at the last step
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
+        decay = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warm * decay
+
+
+def build_scheduler(optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch))

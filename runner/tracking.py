@@ -1,0 +1,126 @@
+"""What the run reports: console lines or a progress bar, metrics.jsonl, trackers and the summary.
+
+metrics.jsonl is the source of truth; trackers (TensorBoard by default, through Accelerate's tracking
+API) get the same numbers. Only the main process writes or prints; other ranks speak only on errors.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.config import ConfigError, setting
+
+
+def known_trackers() -> list[str]:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return sorted(LOGGER_TYPE_TO_CLASS)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = setting(50, min=1)                # a console line / tracker point every N steps
+    trackers: list[str] = setting(["tensorboard"])       # any tracker Accelerate supports; [] for none
+    progress: str = setting("auto", choices=["auto", "bar", "lines"])   # auto: a bar on a terminal
+    plot: bool = True                                    # draw curves.png at the end
+    peak_tflops: float = setting(0.0, min=0.0)           # per-device peak for MFU (0: known GPUs only)
+
+    def validate(self):
+        unknown = [t for t in self.trackers if t not in known_trackers()]
+        if unknown:
+            raise ConfigError(f"log.trackers: unknown tracker {unknown[0]!r}; Accelerate supports "
+                              f"{', '.join(known_trackers())}")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RunLog:
+    def __init__(self, accelerator, run_dir: Path | None, cfg: LogConfig, total_steps: int):
+        self.acc, self.run_dir, self.cfg, self.total_steps = accelerator, run_dir, cfg, total_steps
+        self.main = accelerator.is_main_process
+        self.bar = None
+        use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
+        if self.main and use_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stdout)
+        self.metrics_file = run_dir / "metrics.jsonl" if run_dir else None
+        self.started = time.time()
+
+    def info(self, message: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def keep_history_until(self, step: int) -> None:
+        """After a resume, drop records the interrupted run logged past its last checkpoint."""
+        if not (self.main and self.metrics_file and self.metrics_file.exists()):
+            return
+        kept = [line for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def event(self, step: int, epoch: int, split: str, metrics: dict, **extra) -> None:
+        if not self.main:
+            return
+        record = {"step": step, "epoch": epoch, "split": split, "time": round(time.time() - self.started, 3),
+                  "metrics": metrics, **extra}
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        scalars = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for group in ("throughput",):
+            scalars.update({f"{group}/{k}": v for k, v in (extra.get(group) or {}).items()})
+        if "lr" in extra:
+            scalars["train/lr"] = extra["lr"]
+        if self.acc.trackers:
+            self.acc.log(scalars, step=step)
+
+    def progress(self, step: int, epoch: int, epochs: int, loss: float, lr: float, speed: dict | None) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+            self.bar.refresh()
+            return
+        if speed is None:
+            return
+        remaining = (self.total_steps - step) * speed["step_time_ms"] / 1000
+        print(f"epoch {epoch + 1}/{epochs}  step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.4g}  "
+              f"{speed['img_per_s']:,.0f} img/s  data {100 * speed['data_wait_fraction']:.0f}%  "
+              f"eta {format_eta(remaining)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def summary_table(summary: dict) -> str:
+    lines = ["", "=" * 64, f"run {summary['run']}: {summary['stopped']} after {summary['steps']} steps "
+             f"({summary['epochs_completed']} epochs) in {summary['wall_seconds']:.1f} s"]
+    for split, metrics in summary["final"].items():
+        lines.append(f"  {split:<5} accuracy {100 * metrics['accuracy']:6.2f}%   top5 "
+                     f"{100 * metrics['top5_accuracy']:6.2f}%   f1 {metrics['f1']:.4f}   loss {metrics['loss']:.4f}"
+                     f"   ({metrics['samples']} samples)")
+    best = summary.get("best")
+    if best and best.get("value") is not None:
+        lines.append(f"  best  {best['metric']} {best['value']:.4f} at step {best['step']}"
+                     + (f" ({best['checkpoint']})" if best.get("checkpoint") else ""))
+    t = summary["throughput"]
+    lines.append(f"  speed {t['img_per_s']:,.0f} img/s ({t['img_per_s_per_device']:,.0f} per device), "
+                 f"step {t['step_time_ms']:.1f} ms, data wait {100 * t['data_wait_fraction']:.0f}%, "
+                 f"peak memory {t['peak_memory_mb']:,.0f} MB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+    if summary.get("skipped_steps"):
+        lines.append(f"  fp16  {summary['skipped_steps']} optimizer steps skipped by the GradScaler (overflow)")
+    lines.append("=" * 64)
+    return "\n".join(lines)
