@@ -46,7 +46,7 @@ class RunState:
         self.best_checkpoint: str | None = None
         self.evals_since_best = 0     # early-stopping counter
         self.fingerprint: dict = {}   # training-relevant config keys
-        self.finished = False
+        self.early_stopped = False
         self.train_seconds = 0.0
         self.samples_seen = 0
 

@@ -16,19 +16,24 @@ import sys
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
-class Preemption:
-    def __init__(self):
-        self.signal: int | None = None
-        for sig in SIGNALS:
-            signal.signal(sig, self.handle)
+received: int | None = None  # the first SIGUSR1/SIGTERM, if any
 
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            os._exit(128 + signum)
-        self.signal = signum
 
-    def name(self) -> str:
-        return signal.Signals(self.signal).name if self.signal else "a signal on another rank"
+def handle(signum, frame):
+    global received
+    if received is not None:
+        os._exit(128 + signum)
+    received = signum
+
+
+def install() -> None:
+    """Called before torch is imported: a signal during the slow startup is kept, not fatal."""
+    for sig in SIGNALS:
+        signal.signal(sig, handle)
+
+
+def signal_name() -> str:
+    return signal.Signals(received).name if received else "a signal on another rank"
 
 
 def slurm_job_to_requeue() -> str | None:

@@ -64,8 +64,13 @@ class RunLog:
         """After a resume, drop records the interrupted run logged past its last checkpoint."""
         if not (self.main and self.metrics_file and self.metrics_file.exists()):
             return
-        kept = [line for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.metrics_file.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except ValueError:  # a line cut short by kill -9
+                continue
         self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     def event(self, step: int, epoch: int, split: str, metrics: dict, **extra) -> None:

@@ -12,6 +12,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+from runner import preemption  # noqa: E402  (standard library only)
+
+preemption.install()  # before torch is imported: a SIGUSR1 during the slow startup is kept, not fatal
+
 import math
 import time
 import traceback
@@ -29,7 +33,6 @@ from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from runner.metrics import EvalConfig, Evaluator
 from runner.model import ModelConfig, build_model, flops_per_sample, parameter_count
 from runner.optim import OptimConfig, build_optimizer, l1_penalty
-from runner.preemption import Preemption, requeue_slurm_job
 from runner.rundir import RunConfig, check_fingerprint, default_run_name, fingerprint, prepare_run_dir
 from runner.schedule import ScheduleConfig, build_scheduler
 from runner.throughput import Throughput, device_peak_flops
@@ -182,12 +185,12 @@ def run(cfg: Config, config_label: str) -> int:
     # ---- the loop -----------------------------------------------------------------------------------------
     evaluator = Evaluator(splits.num_classes, acc.device)
     speed = Throughput(acc.device, acc.num_processes, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
-    preemption = Preemption()
     report = torch.zeros(3, device=acc.device)  # [window loss, non-finite losses, preemption flag]
-    stopped, last_eval, last_eval_step, skipped_steps = "completed", {}, -1, 0
+    stopped, last_eval, last_eval_step, skipped_steps = None, {}, -1, 0
+    out_of_steps = lambda: bool(cfg.train.max_steps) and state.global_step >= cfg.train.max_steps  # noqa: E731
     model.train()
     speed.start()
-    while state.epoch < epochs and not state.finished:
+    while stopped is None and state.epoch < epochs and not state.early_stopped and not out_of_steps():
         window_loss = torch.zeros((), device=acc.device)
         data_started = time.perf_counter()
         for x, y in batches.train_epoch(order, state.epoch, state.step_in_epoch):
@@ -205,17 +208,17 @@ def run(cfg: Config, config_label: str) -> int:
             data_started = time.perf_counter()
             if not acc.sync_gradients:
                 continue
-            # ---- an optimizer step is complete: every rank agrees on loss, faults and preemption
+            # ---- an optimizer step is complete: one all-reduce makes every rank agree on the loss, on
+            # faults and on preemption, so all ranks take the same branches below
             if optimizer.step_was_skipped:
                 skipped_steps += 1
             else:
                 scheduler.step()
             report[0], report[1] = window_loss / accumulation, (~torch.isfinite(window_loss)).float()
-            report[2] = float(preemption.signal is not None)
+            report[2] = float(preemption.received is not None)
             totals = (acc.reduce(report, reduction="sum") if acc.num_processes > 1 else report).tolist()
             train_loss, window_loss = totals[0] / acc.num_processes, torch.zeros((), device=acc.device)
-            state.step_in_epoch += 1
-            state.global_step += 1
+            state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
             state.samples_seen += global_batch
             speed.add_step(global_batch // acc.num_processes)
             if totals[1]:
@@ -223,16 +226,14 @@ def run(cfg: Config, config_label: str) -> int:
                 raise UserError(f"non-finite training loss at step {state.global_step} (epoch {state.epoch + 1});"
                                 f" stopped without saving; last good checkpoint: {last}")
             lr = scheduler.get_last_lr()[0]
+            window = None
             if state.global_step % cfg.log.every_steps == 0 or state.global_step == total_steps:
                 window = speed.take_window()
                 log.event(state.global_step, state.epoch, "train", {"loss": train_loss}, lr=lr, throughput=window)
-                log.progress(state.global_step, state.epoch, epochs, train_loss, lr, window)
-            else:
-                log.progress(state.global_step, state.epoch, epochs, train_loss, lr, None)
+            log.progress(state.global_step, state.epoch, epochs, train_loss, lr, window)
             epoch_done = state.step_in_epoch == order.steps_per_epoch
             if epoch_done:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            out_of_steps = bool(cfg.train.max_steps) and state.global_step >= cfg.train.max_steps
             eval_due = ((cfg.eval.every_steps and state.global_step % cfg.eval.every_steps == 0)
                         or (epoch_done and cfg.eval.every_epochs and state.epoch % cfg.eval.every_epochs == 0))
             save_due = not dev_run and (
@@ -244,44 +245,42 @@ def run(cfg: Config, config_label: str) -> int:
                 log.event(state.global_step, state.epoch, eval_split, last_eval)
                 log.info(f"{eval_split} step {state.global_step}: accuracy {last_eval['accuracy']:.4f} "
                          f"loss {last_eval['loss']:.4f} f1 {last_eval['f1']:.4f}")
-                value = last_eval[cfg.eval.monitor]
-                if cfg.eval.improved(value, state.best_metric):
-                    state.best_metric, state.best_step, state.evals_since_best = value, state.global_step, 0
-                    state.best_checkpoint = f"step_{state.global_step:08d}" if not dev_run else None
+                if cfg.eval.improved(last_eval[cfg.eval.monitor], state.best_metric):
+                    state.best_metric, state.best_step, state.evals_since_best = (
+                        last_eval[cfg.eval.monitor], state.global_step, 0)
+                    state.best_checkpoint = None if dev_run else f"step_{state.global_step:08d}"
                     save_due = save_due or (cfg.checkpoint.keep_best and not dev_run)
                 else:
                     state.evals_since_best += 1
-                if cfg.eval.patience and state.evals_since_best >= cfg.eval.patience:
-                    stopped, state.finished = "early_stopping", True
+                state.early_stopped = bool(cfg.eval.patience) and state.evals_since_best >= cfg.eval.patience
                 speed.start()
-            if out_of_steps or state.epoch >= epochs:
-                state.finished = True
-                stopped = stopped if stopped != "completed" or not out_of_steps else "max_steps"
-            if totals[2] and not state.finished:
+            done = state.early_stopped or out_of_steps() or state.epoch >= epochs
+            if totals[2] and not done:
                 stopped = "preempted"
-            if save_due or state.finished or stopped == "preempted":
-                if not dev_run:
-                    speed.pause()
-                    checkpoints.save(state)
-                    speed.start()
-            if stopped == "preempted" or state.finished:
+            if (save_due or done or stopped) and not dev_run:
+                speed.pause()
+                if not all(p.isfinite().all() for p in model.parameters()):
+                    raise UserError(f"non-finite weights after step {state.global_step}; stopped without saving")
+                checkpoints.save(state)
+                speed.start()
+            if done or stopped:
                 break
-        if stopped == "preempted":
-            break
     speed.pause()
+    stopped = stopped or ("early_stopping" if state.early_stopped else "max_steps" if out_of_steps() else "completed")
 
     # ---- preempted: exit so the job can be requeued or restarted ----------------------------------------
     if stopped == "preempted":
-        log.info(f"stopped by {preemption.name()} at step {state.global_step}: checkpoint saved")
+        log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: checkpoint saved")
         log.close()
         if acc.is_main_process and cfg.run.requeue:
-            requeue_slurm_job(log.info)
+            preemption.requeue_slurm_job(log.info)
+        acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
         acc.end_training()
         return EXIT_PREEMPTED
 
     # ---- final evaluation and summary -------------------------------------------------------------------
-    if state.finished and last_eval_step < 0 and resume_from is not None:
-        log.info(f"{run_dir} had already finished; evaluating its final checkpoint")
+    if last_eval_step < 0 and resume_from is not None and speed.total["steps"] == 0:
+        log.info(f"{run_dir} had already finished ({stopped}); evaluating its last checkpoint")
     final = {eval_split: last_eval if last_eval_step == state.global_step
              else evaluate(evaluator, model, batches, eval_set, acc, cfg)}
     if eval_split == "val":

@@ -1,0 +1,227 @@
+"""The sbatch scripts under a real Slurm: a private cluster of two nodes, n1 and n2, on this host.
+
+One module fixture submits four jobs at once, all on the same small `digits` run with 2 ranks (2 epochs of 179
+steps):
+  A  slurm/cpu.sbatch on 2 nodes, left alone: the uninterrupted reference;
+  B  slurm/cpu.sbatch on 2 nodes, sent SIGUSR1 mid-epoch: it must checkpoint, requeue itself, resume and finish;
+  C  slurm/multi_node_gpu.sbatch on 2 nodes, on CPU (one `accelerate launch` per node, ACCELERATE_USE_CPU=1);
+  D  slurm/single_node_gpu.sbatch on 1 node, on CPU (one `accelerate launch` of 2 processes).
+All four must end with the same weights, bit for bit. The whole module takes about 1.5-2.5 minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
+from tests.util import BIN, REPO, clean_env, read_jsonl, summary
+
+pytestmark = pytest.mark.slurm
+
+SCRIPTS = ["slurm/cpu.sbatch", "slurm/single_node_gpu.sbatch", "slurm/multi_node_gpu.sbatch"]
+# 1438 training samples / (micro 4 x world 2) = 179 steps per epoch; 2 epochs.
+TRAIN_ARGS = ["--config", "digits", "train.epochs=2", "train.micro_batch_size=4", "log.every_steps=5",
+              "log.trackers=[]", "log.plot=false", "log.progress=lines", "checkpoint.keep_last=10"]
+STEPS, STEPS_PER_EPOCH = 358, 179
+JOB_TIMEOUT = 300  # seconds, per job, from submission (they take 40-130 s here, sharing the 2 cores)
+
+
+class Job:
+    def __init__(self, cluster, job_id: str, tmp: Path):
+        self.cluster, self.id = cluster, job_id
+        self.out = tmp / f"slurm-{job_id}.out"
+        self.run_dir = tmp / "runs" / f"digits-{job_id}"   # default run name under Slurm: <config>-<job id>
+        self.submitted = time.time()
+        self.info: dict | None = None
+        self.seconds = 0.0
+        self.signalled_at_step = 0
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace") if self.out.exists() else "(no output file)"
+
+    def explain(self) -> str:
+        tail = "\n".join(self.output().splitlines()[-40:])
+        return f"job {self.id}: {self.info}\n--- output tail:\n{tail}\n--- daemon logs:\n{self.cluster.log_tail(8)}"
+
+    def wait(self) -> dict:
+        if self.info is None:
+            left = JOB_TIMEOUT - (time.time() - self.submitted)
+            self.info = self.cluster.wait(self.id, timeout=max(left, 1))
+            self.seconds = time.time() - self.submitted
+        return self.info
+
+    def final_weights(self) -> bytes:
+        return (self.run_dir / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors").read_bytes()
+
+
+def job_env(tmp: Path, **extra) -> dict:
+    """What a user's shell would pass to sbatch: no accelerate config, this interpreter's venv on PATH."""
+    venv = Path(sys.prefix)
+    env = clean_env(tmp, RUNNER_DIR=REPO, **extra)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    if (venv / "bin" / "activate").exists():
+        env["RUNNER_VENV"] = str(venv)
+    return env
+
+
+def metrics_step(run_dir: Path) -> tuple[int, int]:
+    """(step, epoch) of the newest train record in metrics.jsonl, (0, 0) before the first."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0, 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # being written
+            continue
+        if record.get("split") == "train":
+            return record["step"], record["epoch"]
+    return 0, 0
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory):  # noqa: F811
+    cluster = slurm_cluster
+    tmp = tmp_path_factory.mktemp("slurm_jobs")
+    root = [f"run.root={tmp / 'runs'}"]
+    common = ["-N2", "--ntasks-per-node=1", f"--output={tmp}/slurm-%j.out"]
+
+    def submit(args: list[str], env: dict) -> Job:
+        return Job(cluster, cluster.sbatch(args, env=env, cwd=REPO), tmp)
+
+    jobs = {
+        "reference": submit([*common, "slurm/cpu.sbatch", *TRAIN_ARGS, *root], job_env(tmp)),
+        "preempted": submit([*common, "slurm/cpu.sbatch", *TRAIN_ARGS, *root], job_env(tmp)),
+        # The GPU script on CPU: no GPUs asked for; accelerate runs gloo ranks; 1 core per task to fit here.
+        "accelerate": submit([*common, "--gpus-per-node=0", "--cpus-per-task=1", "slurm/multi_node_gpu.sbatch",
+                              *TRAIN_ARGS, "dist.threads=1", *root],
+                             job_env(tmp, GPUS_PER_NODE=1, ACCELERATE_USE_CPU=1)),
+        "single_node": submit(["--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp}/slurm-%j.out",
+                               "slurm/single_node_gpu.sbatch", *TRAIN_ARGS, "dist.threads=1", *root],
+                              job_env(tmp, GPUS_PER_NODE=2, ACCELERATE_USE_CPU=1)),
+    }
+    try:
+        # Preempt B mid-epoch: once its metrics show step >= 10 of the first epoch's 179.
+        job = jobs["preempted"]
+        deadline = time.time() + 150
+        while True:
+            step, epoch = metrics_step(job.run_dir)
+            if step >= 10:
+                break
+            if not cluster.queued(job.id):
+                pytest.fail(f"job {job.id} ended before it could be preempted\n{job.explain()}")
+            if time.time() > deadline:
+                pytest.fail(f"job {job.id} logged no training step 10 within 150 s\n{job.explain()}")
+            time.sleep(0.2)
+        assert epoch == 0, f"job {job.id} was too fast to preempt in its first epoch (step {step})"
+        subprocess.run(["scancel", "--signal=USR1", job.id], env=cluster.env(), check=True, timeout=30)
+        job.signalled_at_step = step
+        yield jobs
+    finally:
+        for job in jobs.values():
+            if cluster.queued(job.id):
+                subprocess.run(["scancel", job.id], env=cluster.env(), timeout=30)
+
+
+def check_completed(job: Job) -> None:
+    info = job.wait()
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", job.explain()
+    records = job.cluster.jobcomp_records(job.id)
+    assert records and records[-1].get("JobState") == "COMPLETED", f"jobcomp: {records}\n{job.explain()}"
+
+
+def check_run(job: Job) -> dict:
+    result = summary(job.run_dir)
+    assert result["world_size"] == 2 and result["steps"] == STEPS and result["stopped"] == "completed", result
+    assert result["epochs_completed"] == 2
+    metrics = read_jsonl(job.run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m["split"] == "train"][-1] == STEPS
+    assert any(m["split"] == "final_test" for m in metrics)
+    final = job.run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert (final / "manifest.json").is_file() and (final / "model.safetensors").is_file()
+    assert json.loads((final / "manifest.json").read_text())["world_size"] == 2
+    return result
+
+
+def test_scripts_are_valid_bash_with_the_slurm_essentials():
+    for name in SCRIPTS + ["launch/slurm_task.sh"]:
+        path = REPO / name
+        assert os.access(path, os.R_OK), name
+        check = subprocess.run([shutil.which("bash") or "/bin/bash", "-n", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name}: {check.stderr}"
+    for name in SCRIPTS:
+        text = (REPO / name).read_text()
+        directives = re.findall(r"^#SBATCH\s+(\S+)", text, flags=re.M)
+        assert "--requeue" in directives, name
+        assert "--open-mode=append" in directives, name
+        signal = [d for d in directives if d.startswith("--signal=")]
+        # USR1 must reach the srun tasks (the training processes), not only the batch shell (B:USR1@...).
+        assert len(signal) == 1 and re.fullmatch(r"--signal=USR1@\d+", signal[0]), f"{name}: {signal}"
+        assert re.search(r"^srun --kill-on-bad-exit=1 ", text, flags=re.M), name
+        assert "SLURM_SUBMIT_DIR" in text and ".venv" in text, name
+
+
+def test_cpu_script_runs_two_ranks_on_two_nodes(jobs):
+    job = jobs["reference"]
+    check_completed(job)
+    check_run(job)
+    assert "2 tasks on n[1-2]" in job.output(), job.explain()
+    assert job.wait().get("Restarts") == "0"
+    print(f"2-node CPU job {job.id}: {job.seconds:.0f} s from submission to the end")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(jobs):
+    job, reference = jobs["preempted"], jobs["reference"]
+    check_completed(job)
+    info = job.wait()
+    assert info.get("Restarts") == "1", job.explain()
+    output = job.output()
+    assert "(restart 0)" in output and "(restart 1)" in output, job.explain()  # SLURM_RESTART_COUNT
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint saved", output)
+    assert stopped and "requeueing Slurm job" in output, job.explain()
+    step = int(stopped.group(1))
+    assert step >= job.signalled_at_step
+    checkpoint = job.run_dir / "checkpoints" / f"step_{step:08d}"
+    assert f"resumed from {checkpoint} (epoch 1, step {step})" in output, job.explain()
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["epoch"] == 0 and 0 < manifest["step_in_epoch"] < STEPS_PER_EPOCH, manifest  # mid-epoch
+    assert manifest["world_size"] == 2
+    check_run(job)
+    check_completed(reference)
+    assert job.final_weights() == reference.final_weights(), (
+        f"final weights of the preempted job {job.id} differ from the uninterrupted job {reference.id}")
+    print(f"preempted job {job.id}: signal at step {job.signalled_at_step}, checkpoint at step {step}, "
+          f"requeued and finished in {job.seconds:.0f} s from submission")
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI not installed")
+def test_multi_node_gpu_script_launches_one_accelerate_per_node(jobs):
+    job, reference = jobs["accelerate"], jobs["reference"]
+    check_completed(job)
+    check_run(job)
+    assert re.search(r"2 nodes x 1 processes on n\[1-2\], head n1:\d+", job.output()), job.explain()
+    check_completed(reference)
+    assert job.final_weights() == reference.final_weights(), (
+        f"final weights of the accelerate job {job.id} differ from the srun-per-rank job {reference.id}")
+    print(f"2-node accelerate job {job.id}: {job.seconds:.0f} s from submission to the end")
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI not installed")
+def test_single_node_gpu_script_launches_all_processes_in_one_task(jobs):
+    job, reference = jobs["single_node"], jobs["reference"]
+    check_completed(job)
+    check_run(job)
+    assert re.search(r"\): 2 processes on n[12] ", job.output()), job.explain()
+    check_completed(reference)
+    assert job.final_weights() == reference.final_weights(), (
+        f"final weights of the single-node accelerate job {job.id} differ from the srun-per-rank job {reference.id}")
+    print(f"1-node accelerate job {job.id}: {job.seconds:.0f} s from submission to the end")
