@@ -91,8 +91,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                 else lambda r, d, t: datasets.load_mnist_family(cfg.name, r, d, t))
         train, train_ds = load(root, cfg.download, True)
         test, _ = load(root, cfg.download, False)
-    datasets.check_labels(cfg.name, train, num_classes, "train")
-    datasets.check_labels(cfg.name, test, num_classes, "test")
+    datasets.check_labels(f"{cfg.name} train split", train, num_classes)
+    datasets.check_labels(f"{cfg.name} test split", test, num_classes)
     mean, std = datasets.NORMALISATION.get(cfg.name) or datasets.channel_stats(train.images)
     eval_set, eval_split = test, "test"
     if cfg.val_fraction > 0:

@@ -83,7 +83,8 @@ def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tup
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
     raw = root / cls.__name__ / "raw"
-    files = [raw / f for f in IDX_FILES[train]]
+    # torchvision wants both splits' files whichever it loads, so check all four.
+    files = [raw / f for f in IDX_FILES[True] + IDX_FILES[False]]
     if download and not all(f.exists() for f in files):
         try:
             cls(str(root), train=train, download=True)
@@ -96,11 +97,14 @@ def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tup
         hint = f" (found {', '.join(m + '.gz' for m in gz)}: gunzip them)" if gz else ""
         raise DataError(f"{name} files missing: put {', '.join(missing)} under {raw}/{hint}, "
                         f"or set data.download=true on a machine with internet")
-    n_images, n_labels = check_idx(files[0], 3), check_idx(files[1], 1)
+    images_file, labels_file = [raw / f for f in IDX_FILES[train]]
+    n_images, n_labels = check_idx(images_file, 3), check_idx(labels_file, 1)
     if n_images != n_labels:
-        raise DataError(f"{files[0]} holds {n_images} images but {files[1]} holds {n_labels} labels")
+        raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds {n_labels} labels")
     ds = cls(str(root), train=train, download=False)
-    return ImageSet(ds.data.unsqueeze(1).contiguous(), ds.targets.long()), ds
+    split = ImageSet(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+    check_labels(str(labels_file), split, NUM_CLASSES)
+    return split, ds
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
@@ -129,6 +133,8 @@ def check_cifar_batch(path: Path) -> None:
     if getattr(data, "ndim", 0) != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
         raise DataError(f"{path}: data of shape {getattr(data, 'shape', '?')} and {len(labels)} labels; "
                         f"expected N x 3072 bytes and N labels")
+    if len(labels):
+        check_labels(str(path), ImageSet(torch.zeros(len(labels), 0), torch.tensor(labels)), NUM_CLASSES)
 
 
 def cifar10_class():
@@ -136,6 +142,8 @@ def cifar10_class():
 
     class CIFAR10(datasets.CIFAR10):
         """torchvision's CIFAR-10 reader without the md5 check: files are checked by check_cifar_batch."""
+
+        meta = {**datasets.CIFAR10.meta, "md5": None}
 
         def _check_integrity(self) -> bool:
             base = Path(self.root) / self.base_folder
@@ -149,7 +157,8 @@ def load_cifar10(root: Path, download: bool, train: bool) -> tuple[ImageSet, Dat
 
     cls = cifar10_class()
     base = root / datasets.CIFAR10.base_folder
-    names = [n for n, _ in (datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list)]
+    # torchvision wants both splits' files whichever it loads, so check them all.
+    names = [n for n, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list]
     if download and not all((base / n).exists() for n in names):
         try:
             datasets.CIFAR10(str(root), train=train, download=True)
@@ -160,7 +169,7 @@ def load_cifar10(root: Path, download: bool, train: bool) -> tuple[ImageSet, Dat
     if missing:
         raise DataError(f"cifar10 files missing: put {', '.join(missing)} (the python version, "
                         f"cifar-10-python.tar.gz, unpacked) under {base}/, or set data.download=true")
-    for n in names:
+    for n, _ in datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list:
         check_cifar_batch(base / n)
     ds = cls(str(root), train=train, download=False)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
@@ -202,10 +211,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
 
 
-def check_labels(name: str, split: ImageSet, num_classes: int, what: str) -> None:
+def check_labels(source: str, split: ImageSet, num_classes: int) -> None:
     if len(split) == 0:
-        raise DataError(f"{name} {what} split is empty")
+        raise DataError(f"{source} is empty")
     low, high = int(split.labels.min()), int(split.labels.max())
     if low < 0 or high >= num_classes:
-        raise DataError(f"{name} {what} labels run from {low} to {high}, outside the {num_classes} classes "
+        raise DataError(f"{source}: labels run from {low} to {high}, outside the {num_classes} classes "
                         f"0..{num_classes - 1}")

@@ -17,6 +17,7 @@ from runner import preemption  # noqa: E402  (standard library only)
 preemption.install()  # before torch is imported: a SIGUSR1 during the slow startup is kept, not fatal
 
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -185,7 +186,6 @@ def run(cfg: Config, config_label: str) -> int:
     # ---- the loop -----------------------------------------------------------------------------------------
     evaluator = Evaluator(splits.num_classes, acc.device)
     speed = Throughput(acc.device, acc.num_processes, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
-    report = torch.zeros(3, device=acc.device)  # [window loss, non-finite losses, preemption flag]
     stopped, last_eval, last_eval_step, skipped_steps = None, {}, -1, 0
     out_of_steps = lambda: bool(cfg.train.max_steps) and state.global_step >= cfg.train.max_steps  # noqa: E731
     model.train()
@@ -214,14 +214,17 @@ def run(cfg: Config, config_label: str) -> int:
                 skipped_steps += 1
             else:
                 scheduler.step()
-            report[0], report[1] = window_loss / accumulation, (~torch.isfinite(window_loss)).float()
-            report[2] = float(preemption.received is not None)
-            totals = (acc.reduce(report, reduction="sum") if acc.num_processes > 1 else report).tolist()
-            train_loss, window_loss = totals[0] / acc.num_processes, torch.zeros((), device=acc.device)
+            signalled = float(preemption.received is not None)
+            if acc.num_processes > 1:
+                totals = acc.reduce(torch.stack([window_loss, window_loss.new_tensor(signalled)])).tolist()
+            else:
+                totals = [window_loss.item(), signalled]
+            train_loss = totals[0] / accumulation / acc.num_processes
+            window_loss = torch.zeros((), device=acc.device)
             state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
             state.samples_seen += global_batch
             speed.add_step(global_batch // acc.num_processes)
-            if totals[1]:
+            if not math.isfinite(train_loss):
                 last = checkpoints.complete()[-1] if checkpoints.complete() else "none"
                 raise UserError(f"non-finite training loss at step {state.global_step} (epoch {state.epoch + 1});"
                                 f" stopped without saving; last good checkpoint: {last}")
@@ -255,7 +258,7 @@ def run(cfg: Config, config_label: str) -> int:
                 state.early_stopped = bool(cfg.eval.patience) and state.evals_since_best >= cfg.eval.patience
                 speed.start()
             done = state.early_stopped or out_of_steps() or state.epoch >= epochs
-            if totals[2] and not done:
+            if totals[1] and not done:
                 stopped = "preempted"
             if (save_due or done or stopped) and not dev_run:
                 speed.pause()
@@ -306,6 +309,12 @@ def run(cfg: Config, config_label: str) -> int:
     return 0
 
 
+def rank_prefix() -> str:
+    """Errors from other ranks say whose they are; the main process speaks plainly."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return f"[rank {rank}] " if rank else ""
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -324,7 +333,7 @@ def main(argv=None) -> int:
     except UserError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {rank_prefix()}{e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 
 

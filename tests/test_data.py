@@ -106,6 +106,26 @@ def test_missing_cifar_file_names_it_and_where_to_put_it(train_main, cifar_root,
     assert missing in line and str(root / "cifar-10-batches-py") in line
 
 
+def test_gzipped_mnist_file_says_to_gunzip_it(train_main, mnist_root, copy_data):
+    import gzip
+
+    root = copy_data(mnist_root)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+    line = error_line(train_main(["--config", "mnist", f"data.root={root}", *QUIET]))
+    assert path.name in line and "gunzip" in line
+
+
+def test_idx_images_and_labels_that_disagree_in_count(train_main, mnist_root, copy_data):
+    root = copy_data(mnist_root)
+    labels = root / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    data = labels.read_bytes()
+    labels.write_bytes((0x0801).to_bytes(4, "big") + (200).to_bytes(4, "big") + data[8:8 + 200])  # a valid file
+    line = error_line(train_main(["--config", "mnist", f"data.root={root}", *QUIET]))
+    assert str(labels) in line and "256" in line and "200" in line
+
+
 def test_truncated_idx_as_a_process(cli, mnist_root, copy_data):
     """The real script: exit 2, one line naming the file, and the file left as it was."""
     root = copy_data(mnist_root)

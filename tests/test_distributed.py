@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.dist_helpers import (QUIET, Background, accelerate_config, checkpoints, error_lines, final_checkpoint,
+from tests.dist_helpers import (QUIET, TORCHRUN, Background, accelerate_config, checkpoints, error_lines, final_checkpoint,
                                 machine, read_weights, torchrun)
 from tests.util import BIN, PYTHON, REPO, clean_env, free_port, read_jsonl, run_train, summary
 
@@ -257,11 +257,18 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     and completes."""
     run_dir = tmp_path / "runs" / "elastic"
     total = 400
-    launch = Background(torchrun(2, "--max-restarts", "1") + [
+    # torch 2.15's agent keeps ONE TCPStore for the workers across restarts, with no per-attempt prefix, so a
+    # restarted rank can read the dead attempt's gloo addresses ("Gloo connectFullMesh failed ... Connection
+    # refused"; pytorch/pytorch#167288 is the NCCL twin). c10d rendezvous with the store sharing switched off
+    # gives every restart round its own fresh store.
+    launcher = [TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    env = clean_env(tmp_path, TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)
+    launch = Background(launcher + [
         str(REPO / "runner/train.py"), "--config", "digits", "data.name=synthetic", "data.synthetic_shape=[1,28,28]",
         "data.synthetic_size=4096", "train.epochs=100", f"train.max_steps={total}", "eval.every_epochs=0",
         "checkpoint.every_steps=50", "checkpoint.every_epochs=0", "log.every_steps=50", "dist.timeout_s=30",
-        "run.name=elastic", f"run.root={tmp_path / 'runs'}", *QUIET], tmp_path)
+        "run.name=elastic", f"run.root={tmp_path / 'runs'}", *QUIET], tmp_path, env)
     try:
         launch.wait_for(lambda: bool(checkpoints(run_dir)), 240, "a first checkpoint")
         assert not (run_dir / "summary.json").exists()
