@@ -128,11 +128,11 @@ class Checkpointer:
                     os.fsync(f.fileno())
                 os.rename(tmp, final)
                 self.prune(state)
-        except OSError as e:
-            if acc.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}; "
-                                  f"earlier checkpoints are kept") from None
+        except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own type
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+            raise CheckpointError(f"cannot write checkpoint {final}: {reason}; earlier checkpoints are kept "
+                                  f"(is the disk full or read-only?)") from None
         acc.wait_for_everyone()
         return final
 

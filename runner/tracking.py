@@ -6,6 +6,7 @@ API) get the same numbers. Only the main process writes or prints; other ranks s
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ class RunLog:
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
         if self.main and use_bar:
             from tqdm import tqdm
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stdout)
+            # A terminal that reports a 0x0 size (a fresh pty) would hide the bar: fall back to 100x20.
+            size = shutil.get_terminal_size((100, 20))
+            self.bar = tqdm(total=total_steps, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stdout)
         self.metrics_file = run_dir / "metrics.jsonl" if run_dir else None
         self.started = time.time()
 

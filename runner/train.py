@@ -16,6 +16,7 @@ from runner import preemption  # noqa: E402  (standard library only)
 
 preemption.install()  # before torch is imported: a SIGUSR1 during the slow startup is kept, not fatal
 
+import errno
 import math
 import os
 import time
@@ -30,7 +31,7 @@ from runner.checkpoint import CheckpointConfig, Checkpointer, RunState, read_man
 from runner.config import ConfigError, setting
 from runner.data import DataConfig, TrainOrder, load_splits, make_batches, shard_range
 from runner.distributed import DistConfig, check_world_fits, launched_world_size, make_accelerator
-from runner.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from runner.errors import EXIT_LOST_RANK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from runner.metrics import EvalConfig, Evaluator
 from runner.model import ModelConfig, build_model, flops_per_sample, parameter_count
 from runner.optim import OptimConfig, build_optimizer, l1_penalty
@@ -173,7 +174,7 @@ def run(cfg: Config, config_label: str) -> int:
         log.info(f"resumed from {resume_from} (epoch {state.epoch + 1}, step {state.global_step})")
     if not dev_run and acc.is_main_process:
         (run_dir / "config.yaml").write_text(configlib.dump(cfg))
-    if acc.trackers and not dev_run:
+    if cfg.log.trackers and not dev_run:
         acc.init_trackers(run_name, config={k: str(v) if isinstance(v, (list, dict)) or v is None else v
                                             for k, v in configlib.flatten(configlib.to_dict(cfg)).items()})
     log.info(f"run {run_dir} | world {acc.num_processes} x {acc.device.type} | precision "
@@ -309,6 +310,13 @@ def run(cfg: Config, config_label: str) -> int:
     return 0
 
 
+def lost_another_rank(error: Exception) -> bool:
+    text = str(error)
+    return torch.distributed.is_initialized() and (
+        isinstance(error, torch.distributed.DistError)
+        or any(sign in text for sign in ("Connection closed by peer", "Connection reset", "Timed out", "timed out")))
+
+
 def rank_prefix() -> str:
     """Errors from other ranks say whose they are; the main process speaks plainly."""
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -335,6 +343,20 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"error: {rank_prefix()}{e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT) or debug:
+            raise
+        print(f"error: {rank_prefix()}cannot write {e.filename or 'the run directory'}: {e.strerror}; "
+              f"files already written are kept", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Exception as e:
+        if not lost_another_rank(e) or debug:
+            raise
+        print(f"error: {rank_prefix()}another rank died or stalled longer than dist.timeout_s "
+              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
+              file=sys.stderr, flush=True)
+        sys.stderr.flush()
+        os._exit(EXIT_LOST_RANK)  # a normal exit would tear the broken process group down and may hang
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo", "munged", "munge"]
 NODES = ("n1", "n2")
 HOSTS_LINE = "127.0.0.1 n1 n2"
+# Stand-in GPUs: Slurm wants a character device per GPU; these exist everywhere and are never opened. A job
+# that asks for --gpus-per-node=N gets SLURM_GPUS_ON_NODE=N (and a CUDA_VISIBLE_DEVICES that matches nothing).
+FAKE_GPU_DEVICES = ["/dev/null", "/dev/zero", "/dev/full", "/dev/urandom"]
 
 
 class SlurmUnavailable(Exception):
@@ -139,6 +142,7 @@ class SlurmCluster:
         self.pid_files = [root / "run" / "slurmd-n1.pid", root / "run" / "slurmd-n2.pid",
                           root / "run" / "slurmctld.pid", root / "munge" / "munged.pid"]
         self.hostname = socket.gethostname().split(".")[0]
+        self.gpus_per_node = len(FAKE_GPU_DEVICES) if all(Path(d).is_char_device() for d in FAKE_GPU_DEVICES) else 0
 
     # ---- environment for clients and jobs ---------------------------------------------------------------
     def env(self, base: dict | None = None, **extra) -> dict:
@@ -182,8 +186,11 @@ class SlurmCluster:
         mem_mb = max(256, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8))
         # Job scripts derive their rendezvous port from the job id: a random first id keeps two test sessions
         # on one host (each with its own cluster) off each other's ports.
-        first_job_id = random.randrange(1000, 19000, 100)
+        first_job_id = random.randrange(1000, 19000)
         r = self.root
+        gres = f"Gres=gpu:{self.gpus_per_node} " if self.gpus_per_node else ""
+        if self.gpus_per_node:
+            (r / "gres.conf").write_text(f"NodeName=n[1-2] Name=gpu File={','.join(FAKE_GPU_DEVICES)}\n")
         self.conf.write_text(f"""\
 ClusterName=runnertest
 FirstJobId={first_job_id}
@@ -195,6 +202,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire=10
 MpiDefault=none
+GresTypes=gpu
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -215,8 +223,8 @@ SlurmctldPidFile={r}/run/slurmctld.pid
 SlurmdPidFile={r}/run/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd-%n.log
-NodeName=n1 NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port1} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
-NodeName=n2 NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port2} CPUs={cpus} RealMemory={mem_mb} State=UNKNOWN
+NodeName=n1 NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port1} CPUs={cpus} RealMemory={mem_mb} {gres}State=UNKNOWN
+NodeName=n2 NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={port2} CPUs={cpus} RealMemory={mem_mb} {gres}State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
 

@@ -7,6 +7,7 @@ several tests through a module fixture.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -138,13 +139,17 @@ def test_distributed_evaluation_is_exact(world_runs, tmp_path):
         results[n] = report
     reference = results[1]["metrics"]
     assert reference["samples"] == 359
+    mismatches = []
     for n, report in results.items():
         metrics = report["metrics"]
-        for key in METRICS:
-            assert metrics[key] == reference[key], (n, key, metrics[key], reference[key])
-        assert abs(metrics["loss"] - reference["loss"]) <= 1e-6, (n, metrics["loss"], reference["loss"])
-        assert report["confusion_matrix"] == results[1]["confusion_matrix"], n
-        assert sum(map(sum, report["confusion_matrix"])) == 359
+        assert sum(map(sum, report["confusion_matrix"])) == 359, n
+        if report["confusion_matrix"] != results[1]["confusion_matrix"]:
+            mismatches.append(f"{n} processes: confusion matrix")
+        mismatches += [f"{n} processes: {key} {metrics[key]} != {reference[key]}" for key in METRICS
+                       if metrics[key] != reference[key]]
+        if abs(metrics["loss"] - reference["loss"]) > 1e-6:
+            mismatches.append(f"{n} processes: loss {metrics['loss']} != {reference['loss']}")
+    assert not mismatches, "distributed evaluation differs from 1 process: " + "; ".join(mismatches)
     # and the evaluation during training (1 process, eval.batch_size 256) agrees
     assert summary(run_dir)["final"]["test"]["accuracy"] == reference["accuracy"]
 
@@ -233,25 +238,6 @@ def test_lost_rank_on_other_machine_does_not_hang_the_run(tmp_path, how):
             node.stop()
 
 
-def test_killed_rank_ends_a_torchrun_run(tmp_path):
-    """One node: SIGKILL rank 1 mid-run; the whole launch must end, non-zero, well before any hang."""
-    launch = Background(torchrun(2) + [str(REPO / "runner/train.py"), "--config", "digits", "data.name=synthetic",
-                                       "data.synthetic_shape=[1,28,28]", "data.synthetic_size=4096",
-                                       "train.epochs=1000", "log.every_steps=1", "dist.timeout_s=20",
-                                       "run.name=killed", f"run.root={tmp_path / 'runs'}", *QUIET], tmp_path)
-    try:
-        launch.wait_for(lambda: any(" step 3/" in line for line in launch.lines), 240, "training steps")
-        launch.worker(1).kill()
-        killed = time.monotonic()
-        rc = launch.wait(60)
-        assert rc is not None, f"still running 60 s after rank 1 was killed\n{launch.tail()}"
-        assert rc != 0 and time.monotonic() - killed < 60
-        assert "SIGKILL" in launch.output or "exitcode: -9" in launch.output, launch.tail()
-        assert not (tmp_path / "runs" / "killed" / "summary.json").exists()
-    finally:
-        launch.stop()
-
-
 def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     """torchrun --max-restarts 1: SIGKILL a worker after a checkpoint exists; the group restarts, resumes
     and completes."""
@@ -301,9 +287,12 @@ def test_world_larger_than_the_dataset_is_one_clear_error(tmp_path):
     assert result.returncode != 0
     # the launcher reports each worker's own status: the runner's user-error code 2, not a crash
     assert "exitcode  : 2" in result.stderr and "exitcode  : 1 " not in result.stderr, result.stderr[-3000:]
-    errors = set(error_lines(result.stderr))
-    assert errors == {"error: world size 2 x train.micro_batch_size 1 = 2 samples per micro-step, but the "
-                      "training set holds only 1"}, result.stderr[-3000:]
+    expected = ("world size 2 x train.micro_batch_size 1 = 2 samples per micro-step, but the training set holds "
+                "only 1")
+    errors = error_lines(result.stderr)
+    # one message; the main process says it once, other ranks (if they print) prefix their rank
+    assert {re.sub(r"^error: (\[rank \d+\] )?", "", line) for line in errors} == {expected}, result.stderr[-3000:]
+    assert errors.count(f"error: {expected}") == 1, errors
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 

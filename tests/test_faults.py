@@ -1,0 +1,69 @@
+"""Faults of the machine: a full disk or a read-only run directory gives one line and loses nothing."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.util import run_train
+
+ARGS = ["--config", "digits", "train.epochs=1", "train.limit_train_batches=5", "log.trackers=[]",
+        "log.plot=false", "run.name=disk"]
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount, as on CI); unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small filesystem")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def fill(mount: Path, leave_bytes: int) -> None:
+    stat = os.statvfs(mount)
+    free = stat.f_bavail * stat.f_frsize
+    with open(mount / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_full_disk_when_saving_keeps_earlier_checkpoints(small_disk, tmp_path):
+    first = run_train(ARGS + [f"run.root={small_disk}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    checkpoints = small_disk / "disk" / "checkpoints"
+    before = snapshot(checkpoints)
+    assert before
+    fill(small_disk, leave_bytes=8 * 1024)
+    second = run_train(ARGS + [f"run.root={small_disk}", "train.epochs=2"], tmp_path)
+    assert second.returncode == 2, second.stdout[-1000:] + second.stderr[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in second.stderr
+    assert snapshot(checkpoints) == before, "earlier checkpoints changed"
+    assert not list(checkpoints.glob(".tmp-*")), "a partial checkpoint was left behind"
+    (small_disk / "filler").unlink()
+    third = run_train(ARGS + [f"run.root={small_disk}", "train.epochs=2"], tmp_path)
+    assert third.returncode == 0 and "resumed from" in third.stdout
+
+
+def test_read_only_run_directory_gives_one_line(small_disk, tmp_path):
+    first = run_train(ARGS + [f"run.root={small_disk}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = snapshot(small_disk / "disk")
+    assert subprocess.run(["mount", "-o", "remount,ro", str(small_disk)]).returncode == 0
+    second = run_train(ARGS + [f"run.root={small_disk}", "train.epochs=2"], tmp_path)
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Read-only file system" in lines[0], second.stderr[-2000:]
+    assert snapshot(small_disk / "disk") == before
