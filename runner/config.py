@@ -92,11 +92,19 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
+class CommandLineText(str):
+    """An override's text as typed: string keys keep it verbatim (`run.name=007`, `mixed_precision=no`),
+    other keys parse it as YAML."""
+
+    def parsed(self):
+        try:
+            return yaml.safe_load(self) if self != "" else ""
+        except yaml.YAMLError:
+            return str(self)
+
+
 def apply_override(raw: dict, dotted: str, text: str) -> None:
-    try:
-        value = yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError:
-        value = text
+    value = CommandLineText(text)
     *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
@@ -130,7 +138,9 @@ def unknown_key_error(key: str, valid: list[str], root_cls) -> ConfigError:
     return ConfigError(f"unknown config key {key}{hint}")
 
 
-def coerce(key: str, value: Any, hint) -> Any:
+def coerce(key: str, value: Any, hint, choices=None) -> Any:
+    if isinstance(value, CommandLineText):
+        value = str(value) if hint is str else value.parsed()
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -150,7 +160,7 @@ def coerce(key: str, value: Any, hint) -> Any:
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r}: expected a mapping of names to values")
-        return dict(value)
+        return {k: v.parsed() if isinstance(v, CommandLineText) else v for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -171,6 +181,8 @@ def coerce(key: str, value: Any, hint) -> Any:
                 pass
         raise ConfigError(f"{key}={value!r}: expected a number")
     if hint is str:
+        if isinstance(value, bool) and choices and ("yes" if value else "no") in choices:
+            return "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}={value!r}: expected a string")
@@ -212,7 +224,7 @@ def build(cls, raw: dict, root_cls=None, prefix: str = ""):
                 raise ConfigError(f"{key}: expected a section (a mapping of keys), got {value!r}")
             values[name] = build(hint, value, root_cls, key + ".")
         else:
-            values[name] = coerce(key, value, hint)
+            values[name] = coerce(key, value, hint, f.metadata.get("choices"))
             check_bounds(key, values[name], f.metadata)
     obj = cls(**values)
     if hasattr(obj, "validate"):

@@ -19,6 +19,7 @@ LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
 class DistConfig:
     timeout_s: int = setting(300, min=1)   # a collective waiting longer than this fails instead of hanging
     threads: int = setting(0, min=0)       # CPU threads per process; 0: the host's cores / local processes
+    cudnn_benchmark: bool = True           # let cuDNN pick the fastest convolution kernels (GPU; fixed shapes)
 
 
 def cpu_threads(requested: int) -> int:
@@ -39,6 +40,7 @@ def launched_world_size() -> int:
 def make_accelerator(cfg: DistConfig, mixed_precision: str, accumulation: int, run_dir,
                      trackers: list[str]) -> Accelerator:
     torch.set_num_threads(cpu_threads(cfg.threads))
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     # Without a GPU, force the CPU: then `accelerate launch --multi_gpu` gives real gloo ranks instead of
     # N independent copies that each train on everything.
     cpu = not torch.cuda.is_available()

@@ -21,6 +21,8 @@ class ModelConfig:
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
 
     def validate(self):
+        if self.sync_batchnorm and not torch.cuda.is_available():
+            raise ConfigError("model.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
         try:
             models.resolve(self.name)
         except models.ModelNameError as e:

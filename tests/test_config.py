@@ -275,3 +275,17 @@ def test_bad_input_does_not_damage_an_existing_run(train_main, tmp_path):
         assert sorted(p.name for p in run_dir.iterdir()) == sorted(files)
         for name, text in files.items():
             assert (run_dir / name).read_text() == text
+
+
+def test_yaml_words_stay_strings_for_string_keys(train_main, tmp_path):
+    """YAML 1.1 reads `no` as false and `007` as 7; string keys must keep what the user typed."""
+    from runner import config as configlib
+    from runner.train import Config
+
+    cfg = configlib.load(Config, "digits", [("train.mixed_precision", "no"), ("run.name", "007"),
+                                            ("model.kwargs.in_features", "784")])
+    assert cfg.train.mixed_precision == "no" and cfg.run.name == "007"
+    assert cfg.model.kwargs["in_features"] == 784
+    f = tmp_path / "c.yaml"
+    f.write_text("base: digits\ntrain:\n  mixed_precision: no\n")
+    assert configlib.load(Config, str(f), []).train.mixed_precision == "no"

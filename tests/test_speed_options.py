@@ -1,0 +1,59 @@
+"""Each speed option is a config key that runs on CPU and trains to the same place."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import QUIET
+from tests.util import run_train, torchrun
+
+TINY_CNN = ["--config", "digits", "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}", "train.epochs=1",
+            "train.limit_train_batches=4", "train.limit_eval_batches=1", "train.micro_batch_size=16"] + QUIET
+
+
+def weights(run_dir):
+    last = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return load_file(last / "model.safetensors")
+
+
+def close(a: dict, b: dict, tol: float) -> bool:
+    return all((a[k] - b[k]).abs().max() <= tol * (1 + b[k].abs().max()) for k in a)
+
+
+def test_channels_last_and_threads_match_the_default(train_main):
+    base = train_main(TINY_CNN + ["run.name=base"])
+    fast = train_main(TINY_CNN + ["run.name=cl", "model.channels_last=true", "dist.threads=1",
+                                  "dist.cudnn_benchmark=false"])
+    assert base.returncode == fast.returncode == 0, fast.stderr
+    import torch
+    assert torch.get_num_threads() == 1
+    assert close(weights(base.run_root / "base"), weights(fast.run_root / "cl"), 1e-4)
+
+
+def test_bf16_with_channels_last_trains(train_main):
+    result = train_main(TINY_CNN + ["run.name=bf16", "train.mixed_precision=bf16", "model.channels_last=true"])
+    assert result.returncode == 0, result.stderr
+    assert "precision bf16" in result.stdout
+
+
+@pytest.mark.slow
+def test_torch_compile_runs_on_cpu(tmp_path):
+    result = run_train(TINY_CNN + ["run.name=compiled", "model.compile=true"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "compiled" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["final"]["test"]["samples"] == 256
+
+
+def test_torchvision_loader_with_persistent_workers(train_main):
+    result = train_main(TINY_CNN + ["run.name=workers", "data.loader=torchvision", "data.num_workers=2",
+                                    "data.persistent_workers=true", "data.pin_memory=true", "train.epochs=2",
+                                    "data.crop_padding=2", "data.flip=true"])
+    assert result.returncode == 0, result.stderr
+    assert json.loads((result.run_root / "workers" / "summary.json").read_text())["steps"] == 8
+
+
+def test_sync_batchnorm_is_refused_on_cpu(train_main):
+    result = train_main(TINY_CNN + ["run.name=syncbn", "model.sync_batchnorm=true"])
+    assert result.returncode == 2 and "model.sync_batchnorm" in result.stderr and "CUDA" in result.stderr
