@@ -12,9 +12,6 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from runner.config import setting
 from runner.errors import UserError
 
-LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS")
-
-
 @dataclass
 class DistConfig:
     timeout_s: int = setting(300, min=1)   # a collective waiting longer than this fails instead of hanging
@@ -26,6 +23,8 @@ def cpu_threads(requested: int) -> int:
     """Split the cores between the processes on this host, so N processes do not oversubscribe N cores."""
     if requested:
         return requested
+    if os.environ.get("SLURM_CPUS_PER_TASK"):  # Slurm already bound this task to its own cores
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
                 or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -34,6 +33,11 @@ def cpu_threads(requested: int) -> int:
 
 def launched_world_size() -> int:
     """The world size the launcher meant to start (torchrun/accelerate set WORLD_SIZE)."""
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if "WORLD_SIZE" not in os.environ and slurm_tasks > 1:
+        raise UserError(f"srun started {slurm_tasks} tasks but none of them knows its rank, so each would train "
+                        f"alone on all the data; run each task through launch/slurm_task.sh (as slurm/cpu.sbatch "
+                        f"does) or one `accelerate launch` per node")
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 

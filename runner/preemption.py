@@ -11,19 +11,32 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 received: int | None = None  # the first SIGUSR1/SIGTERM, if any
+received_at = 0.0
+# Slurm signals every process of a step, and launchers pass signals on too: the same signal again within
+# this many seconds is the same event arriving twice, not a second request.
+DUPLICATE_WINDOW_S = 2.0
 
 
 def handle(signum, frame):
-    global received
+    global received, received_at
     if received is not None:
+        if signum == received and time.monotonic() - received_at < DUPLICATE_WINDOW_S:
+            return
         os._exit(128 + signum)
-    received = signum
+    received, received_at = signum, time.monotonic()
+
+
+def should_requeue() -> bool:
+    """SIGUSR1 is the time-limit warning (`--signal=USR1@N`): requeue. SIGTERM is `scancel` or Slurm's own
+    preemption, which requeues by itself when it wants to: save, exit, and leave the decision to Slurm."""
+    return received == signal.SIGUSR1
 
 
 def install() -> None:

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import ConfigError, flatten, setting
+from runner.config import ConfigError, flatten
 from runner.errors import UserError
 
 # Keys whose change would make a resumed run differ from the run that wrote the checkpoint.

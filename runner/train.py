@@ -276,7 +276,7 @@ def run(cfg: Config, config_label: str) -> int:
     if stopped == "preempted":
         log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: checkpoint saved")
         log.close()
-        if acc.is_main_process and cfg.run.requeue:
+        if acc.is_main_process and cfg.run.requeue and preemption.should_requeue():
             preemption.requeue_slurm_job(log.info)
         acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
         acc.end_training()

@@ -153,6 +153,8 @@ class SlurmCluster:
 
     # ---- bring up ---------------------------------------------------------------------------------------
     def start(self) -> None:
+        if os.geteuid() != 0:
+            raise SlurmUnavailable("the test cluster needs root (slurmd, munged as user munge, /etc/hosts)")
         install_slurm()
         ensure_hosts_entry()
         for d in ("state", "spool/n1", "spool/n2", "run", "log"):
@@ -166,7 +168,7 @@ class SlurmCluster:
         self.wait_idle(timeout=60)
 
     def start_munge(self) -> None:
-        """A private munged on its own socket (root cannot own a munge socket dir under pytest's tmp)."""
+        """A private munged on its own socket: a munged already on the host (and its users) is left alone."""
         d = self.munge_socket.parent
         d.mkdir(mode=0o755)
         shutil.chown(d, "munge", "munge")
@@ -182,7 +184,9 @@ class SlurmCluster:
 
     def write_conf(self) -> None:
         ctld_port, port1, port2 = free_ports(3)
-        cpus = os.cpu_count() or 1
+        # At least 4 CPUs a node, even on 2 cores (config_overrides allows it), so that a test's jobs run side by
+        # side instead of queueing behind each other.
+        cpus = max(4, os.cpu_count() or 1)
         mem_mb = max(256, int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.8))
         # Job scripts derive their rendezvous port from the job id: a random first id keeps two test sessions
         # on one host (each with its own cluster) off each other's ports.
@@ -258,6 +262,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                     time.sleep(0.5)
         for pid_file in self.pid_files:  # slurmd first (they kill their job steps), munged last
             stop_pid(read_pid(pid_file))
+        for pid in self.leftover_pids():  # job processes or slurmstepd that outlived a stuck cancel
+            stop_pid(pid, timeout=2)
+
+    def leftover_pids(self) -> list[int]:
+        """Processes of this cluster: their environment points at its slurm.conf (slurmstepd, job tasks)."""
+        marker, found = f"SLURM_CONF={self.conf}".encode() + b"\0", []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return [pid for pid in found if alive(pid)]
 
     # ---- jobs -------------------------------------------------------------------------------------------
     def sbatch(self, args: list[str], env: dict, cwd: Path) -> str:

@@ -10,14 +10,12 @@ import json
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from tests.dist_helpers import (QUIET, TORCHRUN, Background, accelerate_config, checkpoints, error_lines, final_checkpoint,
-                                machine, read_weights, torchrun)
-from tests.util import BIN, PYTHON, REPO, clean_env, free_port, read_jsonl, run_train, summary
+from tests.dist_helpers import (QUIET, TORCHRUN, Background, accelerate_config, checkpoints, error_lines,
+                                final_checkpoint, machine, read_weights, torchrun)
+from tests.util import BIN, REPO, clean_env, free_port, read_jsonl, run_train, summary
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +45,14 @@ def test_launch_configs_parse_and_emulate_nodes_script_is_valid():
                 "gpu_1_bf16": ("NO", 1, "bf16"), "gpu_1_fp16": ("NO", 1, "fp16"),
                 "gpu_multi": ("MULTI_GPU", 2, "no"), "gpu_multi_bf16": ("MULTI_GPU", 2, "bf16"),
                 "gpu_multi_fp16": ("MULTI_GPU", 2, "fp16"), "multi_node": ("MULTI_GPU", 2, "no")}
-    assert sorted(p.stem for p in LAUNCH.glob("*.yaml")) == sorted(expected)
+    assert set(expected) <= {p.stem for p in LAUNCH.glob("*.yaml")}
     for name, (kind, processes, precision) in expected.items():
         cfg = load_config_from_file(str(LAUNCH / f"{name}.yaml"))
         assert (str(cfg.distributed_type.value), cfg.num_processes, cfg.mixed_precision) == (
             kind, processes, precision), name
+    for path in LAUNCH.glob("*.yaml"):
         # MULTI_CPU without an mpirun hostfile silently starts ONE process (accelerate 1.15)
-        assert str(cfg.distributed_type.value) != "MULTI_CPU", name
+        assert str(load_config_from_file(str(path)).distributed_type.value) != "MULTI_CPU", path.name
     assert load_config_from_file(str(LAUNCH / "multi_node.yaml")).num_machines == 2
     script = LAUNCH / "emulate_nodes.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -127,7 +126,12 @@ def test_world_size_invariance(world_runs):
 
 
 def test_distributed_evaluation_is_exact(world_runs, tmp_path):
-    """evaluate.py on 1, 2 and 3 processes: 359 test samples are not a multiple of world x 16."""
+    """evaluate.py on 1, 2 and 3 processes: 359 test samples are not a multiple of world x 16.
+
+    Fails while runner/metrics.py builds MetricCollection with torchmetrics' default compute_groups=True:
+    top-1 and top-5 accuracy are merged into one group whenever their states happen to agree after the
+    first batch (e.g. a first batch whose top-1 hits equal its top-5 hits), after which top5_accuracy
+    silently reports top-1 accuracy. The first batch differs with the world size, so top5 does too."""
     run_dir, _ = world_runs["1"]
     checkpoint = final_checkpoint(run_dir)
     results = {}
@@ -306,7 +310,10 @@ def test_bf16_launch_config_with_matching_runner_setting_runs_bf16(tmp_path):
 
 def test_launch_precision_is_not_silently_dropped(tmp_path):
     """`accelerate launch --config_file launch/cpu_multi_bf16.yaml` (mixed_precision: bf16) without
-    train.mixed_precision: the run must use bf16 or refuse with one line, never run fp32 quietly."""
+    train.mixed_precision: the run must use bf16 or refuse with one line, never run fp32 quietly.
+
+    Fails while runner/distributed.py passes Accelerator(mixed_precision=train.mixed_precision) always:
+    an explicit value overrides ACCELERATE_MIXED_PRECISION, so the launcher's bf16/fp16 is dropped."""
     result = run_train(["--config", "digits", "train.fast_dev_run=2", *QUIET], tmp_path,
                        launcher=accelerate_config("cpu_multi_bf16"))
     used_bf16 = result.returncode == 0 and "precision bf16" in result.stdout

@@ -7,7 +7,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import QUIET
-from tests.util import run_train, torchrun
+from tests.util import run_train
 
 TINY_CNN = ["--config", "digits", "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}", "train.epochs=1",
             "train.limit_train_batches=4", "train.limit_eval_batches=1", "train.micro_batch_size=16"] + QUIET
