@@ -41,6 +41,15 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def check_launcher_precision(requested: str) -> None:
+    """A launch config that asks for bf16/fp16 while the run's config says otherwise is a mistake: say so,
+    rather than let one silently win."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", requested):
+        raise UserError(f"the launcher asks for mixed precision {launcher} but train.mixed_precision={requested}; "
+                        f"add train.mixed_precision={launcher} or launch without it")
+
+
 def make_accelerator(cfg: DistConfig, mixed_precision: str, accumulation: int, run_dir,
                      trackers: list[str]) -> Accelerator:
     torch.set_num_threads(cpu_threads(cfg.threads))

@@ -30,7 +30,8 @@ from runner import config as configlib
 from runner.checkpoint import CheckpointConfig, Checkpointer, RunState, read_manifest
 from runner.config import ConfigError, setting
 from runner.data import DataConfig, TrainOrder, load_splits, make_batches, shard_range
-from runner.distributed import DistConfig, check_world_fits, launched_world_size, make_accelerator
+from runner.distributed import (DistConfig, check_launcher_precision, check_world_fits, launched_world_size,
+                                make_accelerator)
 from runner.errors import EXIT_LOST_RANK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from runner.metrics import EvalConfig, Evaluator
 from runner.model import ModelConfig, build_model, flops_per_sample, parameter_count
@@ -116,6 +117,7 @@ def run(cfg: Config, config_label: str) -> int:
     started = time.time()
     # ---- processes ------------------------------------------------------------------------------------------
     world = launched_world_size()
+    check_launcher_precision(cfg.train.mixed_precision)
     global_batch, accumulation = batch_sizes(cfg.train, world)
     cfg.train.global_batch_size = global_batch
     dev_run = cfg.train.fast_dev_run

@@ -312,8 +312,8 @@ def test_launch_precision_is_not_silently_dropped(tmp_path):
     """`accelerate launch --config_file launch/cpu_multi_bf16.yaml` (mixed_precision: bf16) without
     train.mixed_precision: the run must use bf16 or refuse with one line, never run fp32 quietly.
 
-    Fails while runner/distributed.py passes Accelerator(mixed_precision=train.mixed_precision) always:
-    an explicit value overrides ACCELERATE_MIXED_PRECISION, so the launcher's bf16/fp16 is dropped."""
+    The runner passes Accelerator(mixed_precision=train.mixed_precision), and an explicit value overrides
+    the launcher's ACCELERATE_MIXED_PRECISION: without a check, the launch config's bf16/fp16 is dropped."""
     result = run_train(["--config", "digits", "train.fast_dev_run=2", *QUIET], tmp_path,
                        launcher=accelerate_config("cpu_multi_bf16"))
     used_bf16 = result.returncode == 0 and "precision bf16" in result.stdout

@@ -66,3 +66,42 @@ def test_read_only_run_directory_gives_one_line(small_disk, tmp_path):
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "Read-only file system" in lines[0], second.stderr[-2000:]
     assert snapshot(small_disk / "disk") == before
+
+
+def test_srun_tasks_without_ranks_are_refused(tmp_path):
+    """`srun -n2 python runner/train.py` would start two copies that each train on everything."""
+    from tests.util import clean_env
+
+    env = clean_env(tmp_path, SLURM_STEP_NUM_TASKS=2, SLURM_JOB_ID=4242, SLURM_PROCID=0)
+    result = run_train(ARGS, tmp_path, env=env)
+    assert result.returncode == 2 and "launch/slurm_task.sh" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_signal_policy():
+    """SIGUSR1 (time-limit warning) requeues; SIGTERM (scancel) does not; a duplicate delivery is ignored."""
+    import signal
+
+    from runner import preemption
+
+    try:
+        preemption.received = None
+        preemption.handle(signal.SIGTERM, None)
+        assert not preemption.should_requeue()
+        preemption.handle(signal.SIGTERM, None)  # the same event passed on by a launcher: no exit
+        assert preemption.received == signal.SIGTERM
+        preemption.received = None
+        preemption.handle(signal.SIGUSR1, None)
+        assert preemption.should_requeue() and preemption.signal_name() == "SIGUSR1"
+    finally:
+        preemption.received = None
+
+
+def test_launcher_precision_must_agree_with_the_config(tmp_path):
+    from tests.util import clean_env
+
+    env = clean_env(tmp_path, ACCELERATE_MIXED_PRECISION="bf16")
+    result = run_train(ARGS, tmp_path, env=env)
+    assert result.returncode == 2 and "train.mixed_precision=bf16" in result.stderr
+    agreed = run_train(ARGS + ["train.mixed_precision=bf16"], tmp_path, env=env)
+    assert agreed.returncode == 0 and "precision bf16" in agreed.stdout
