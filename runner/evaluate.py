@@ -20,7 +20,7 @@ from safetensors.torch import load_model
 from runner import config as configlib
 from runner.checkpoint import CheckpointError, read_manifest, verify
 from runner.data import TrainOrder, load_splits, make_batches
-from runner.distributed import make_accelerator
+from runner.distributed import check_launcher_precision, make_accelerator
 from runner.errors import EXIT_USER_ERROR, UserError
 from runner.metrics import Evaluator
 from runner.model import build_model
@@ -37,6 +37,7 @@ def run(checkpoint: Path, split_name: str, overrides: list) -> int:
         raise CheckpointError(f"{config_file} is missing: cannot tell which model and data {checkpoint} holds")
     cfg = configlib.load(Config, str(config_file), overrides)
     check_fingerprint(read_manifest(checkpoint)["fingerprint"], fingerprint(configlib.to_dict(cfg)), checkpoint)
+    check_launcher_precision(cfg.train.mixed_precision)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, 1, checkpoint.parent.parent, [])
     splits = load_splits(cfg.data, cfg.train.seed)
     split = {"test": splits.test, "eval": splits.eval, splits.eval_split: splits.eval}.get(split_name)

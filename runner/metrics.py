@@ -50,7 +50,9 @@ class Evaluator:
         }
         if confusion:
             metrics["confusion_matrix"] = MulticlassConfusionMatrix(num_classes)
-        self.metrics = MetricCollection(metrics).to(device)
+        # compute_groups would merge top-1 and top-5 accuracy into one state whenever their first updates
+        # agree, and then report top-1 as top-5.
+        self.metrics = MetricCollection(metrics, compute_groups=False).to(device)
         self.loss = MeanMetric().to(device).set_dtype(torch.float64)
         self.count = SumMetric().to(device).set_dtype(torch.float64)
 
