@@ -10,7 +10,8 @@ in one run on the same files (written in the real formats to a temporary directo
 - the runner end to end (train.py in a subprocess; its summary.json img/s), on the device path, on the
   torchvision DataLoader path, and with its speed options (bf16 autocast, channels_last);
 - the runner on 1 process x 1 thread against 2 processes x 1 thread over gloo.
-Ratios are computed from figures measured in this one run. Timed sections exclude start-up.
+Ratios are computed from figures measured in this one run (medians of --repeats rounds). Timed sections
+exclude start-up and warm-up.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,12 +75,12 @@ def compute_bound(case: dict, seconds: float) -> float:
 
 def plain_loop(case: dict, images: torch.Tensor, labels: torch.Tensor, seconds: float) -> float:
     """The same device-resident data path, written by hand without the runner."""
-    from runner.data import DeviceBatches, TrainOrder
+    from runner.data import DeviceBatches, Normalise, TrainOrder
     from runner.datasets import ImageSet
 
     mean, std = NORMALISATION[case["data"]]
     pad = 4 if case["augment"] else 0
-    batches = DeviceBatches(ImageSet(images, labels), mean, std, "cpu", 0, pad, case["augment"])
+    batches = DeviceBatches(ImageSet(images, labels), Normalise(mean, std, "cpu"), "cpu", 0, pad, case["augment"])
     order = TrainOrder(len(labels), 0, case["batch"], case["batch"], 1, 0)
     model = make_model(case)
     opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
@@ -139,7 +141,7 @@ def runner(case: dict, root: Path, out: Path, name: str, epochs: int, extra: lis
             f"optim.lr={case['lr']}", f"optim.momentum={case['momentum']}", "optim.weight_decay=0",
             "schedule.name=constant", f"train.micro_batch_size={case['batch']}", f"train.epochs={epochs}",
             f"data.crop_padding={4 if case['augment'] else 0}", f"data.flip={str(case['augment']).lower()}",
-            "eval.every_epochs=0", "checkpoint.every_epochs=0", "log.every_steps=1000000", "log.trackers=[]",
+            "eval.every_epochs=0", "checkpoint.every_epochs=0", "log.every_steps=20", "log.trackers=[]",
             "log.plot=false", f"run.root={out}", f"run.name={name}", "resume=none", "run.overwrite=true"] + extra
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
     env["HF_HOME"] = str(out / "hf_home")
@@ -154,7 +156,20 @@ def runner(case: dict, root: Path, out: Path, name: str, epochs: int, extra: lis
     return json.loads((out / name / "summary.json").read_text())
 
 
-def bench_case(key: str, seconds: float, workdir: Path) -> dict:
+def steady_img_per_s(run_dir: Path) -> float:
+    """Training img/s from the run's log windows after the first, which holds the warm-up (the in-process
+    measurements above skip their warm-up steps too)."""
+    windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if w["split"] == "train"]
+    samples = seconds = 0.0
+    for before, window in zip(windows, windows[1:]):
+        steps = window["step"] - before["step"]
+        seconds += steps * window["throughput"]["step_time_ms"] / 1000
+        samples += steps * window["throughput"]["img_per_s"] * window["throughput"]["step_time_ms"] / 1000
+    return samples / seconds
+
+
+def bench_case(key: str, seconds: float, workdir: Path, repeats: int) -> dict:
     case = CASES[key]
     root = workdir / key
     if case["data"] == "mnist":
@@ -169,20 +184,24 @@ def bench_case(key: str, seconds: float, workdir: Path) -> dict:
     per_epoch_s = case["train_size"] / 20000 if key == "mnist" else case["train_size"] / 2500
     epochs = max(2, int(seconds / per_epoch_s))
     out = workdir / "runs"
-    results = {"compute_bound": compute_bound(case, seconds),
-               "plain_loop": plain_loop(case, images, labels, seconds),
-               "tutorial_loop": tutorial_loop(case, root, seconds)}
-    summaries = {
-        "runner": runner(case, root, out, f"{key}-device", epochs, []),
-        "runner_torchvision": runner(case, root, out, f"{key}-torchvision", max(1, epochs // 4),
-                                     ["data.loader=torchvision"]),
-        "runner_fast": runner(case, root, out, f"{key}-fast", epochs,
-                              ["train.mixed_precision=bf16", "model.channels_last=true"]),
-        "runner_1x1": runner(case, root, out, f"{key}-1x1", max(1, epochs // 2), ["dist.threads=1"]),
-        "runner_2x1": runner(case, root, out, f"{key}-2x1", max(1, epochs // 2), ["dist.threads=1"], processes=2),
-    }
-    for label, summary in summaries.items():
-        results[label] = summary["throughput"]["img_per_s"]
+    rounds = []
+    for _ in range(repeats):  # whole rounds, so that a slow spell of a shared machine hits every variant
+        measured = {"compute_bound": compute_bound(case, seconds),
+                    "plain_loop": plain_loop(case, images, labels, seconds),
+                    "tutorial_loop": tutorial_loop(case, root, seconds)}
+        summaries = {
+            "runner": runner(case, root, out, f"{key}-device", epochs, []),
+            "runner_torchvision": runner(case, root, out, f"{key}-torchvision", max(1, epochs // 4),
+                                         ["data.loader=torchvision"]),
+            "runner_fast": runner(case, root, out, f"{key}-fast", epochs,
+                                  ["train.mixed_precision=bf16", "model.channels_last=true"]),
+            "runner_1x1": runner(case, root, out, f"{key}-1x1", max(1, epochs // 2), ["dist.threads=1"]),
+            "runner_2x1": runner(case, root, out, f"{key}-2x1", max(1, epochs // 2), ["dist.threads=1"],
+                                 processes=2),
+        }
+        measured.update({label: steady_img_per_s(Path(summary["run"])) for label, summary in summaries.items()})
+        rounds.append(measured)
+    results = {label: statistics.median(r[label] for r in rounds) for label in rounds[0]}
     accuracy = {label: summaries[label]["final"]["test"]["accuracy"] for label in ("runner", "runner_fast")}
     ratios = {
         "runner / compute_bound": results["runner"] / results["compute_bound"],
@@ -192,7 +211,7 @@ def bench_case(key: str, seconds: float, workdir: Path) -> dict:
         "runner_fast / tutorial_loop": results["runner_fast"] / results["tutorial_loop"],
         "runner_2x1 / runner_1x1": results["runner_2x1"] / results["runner_1x1"],
     }
-    return {"batch": case["batch"], "model": case["model"], "img_per_s": results, "ratios": ratios,
+    return {"batch": case["batch"], "model": case["model"], "repeats": repeats, "img_per_s": results, "ratios": ratios,
             "test_accuracy": accuracy}
 
 
@@ -213,11 +232,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="time per in-process measurement")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--only", choices=sorted(CASES), help="one data shape only")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement; medians are kept")
     args = parser.parse_args(argv)
     report = {"machine": machine(), "threads": torch.get_num_threads(), "cases": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for key in [args.only] if args.only else list(CASES):
-            report["cases"][key] = bench_case(key, args.seconds, Path(tmp))
+            report["cases"][key] = bench_case(key, args.seconds, Path(tmp), args.repeats)
             case = report["cases"][key]
             print(f"\n{key} ({case['model']}, batch {case['batch']}) on {report['machine']}")
             for label, value in case["img_per_s"].items():

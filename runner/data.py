@@ -140,13 +140,17 @@ class TrainOrder:
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch))
 
-    def micro_batches(self, epoch: int, start_step: int = 0, device=None) -> Iterator[torch.Tensor]:
+    def rank_rows(self, epoch: int, start_step: int = 0, device=None) -> torch.Tensor:
+        """This rank's sample indices for the rest of the epoch, one row per micro-step.
+
+        Micro-step k of a step covers the next micro_batch x world samples of the order; rank r takes the
+        r-th micro_batch of them."""
         perm = self.permutation(epoch).to(device)
-        per_micro = self.micro_batch * self.world
-        for step in range(start_step, self.steps_per_epoch):
-            for k in range(self.accumulation):
-                begin = step * self.global_batch + k * per_micro + self.rank * self.micro_batch
-                yield perm[begin:begin + self.micro_batch]
+        rest = perm[start_step * self.global_batch:self.steps_per_epoch * self.global_batch]
+        return rest.view(-1, self.world, self.micro_batch)[:, self.rank]
+
+    def micro_batches(self, epoch: int, start_step: int = 0, device=None) -> Iterator[torch.Tensor]:
+        yield from self.rank_rows(epoch, start_step, device)
 
 
 def shard_range(n: int, world: int, rank: int) -> range:
@@ -154,50 +158,69 @@ def shard_range(n: int, world: int, rank: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
 
 
-# ---------------------------------------------------------------------------------------------- device path
+# ---------------------------------------------------------------------------------------------- batches
+
+def crop_flip(x: torch.Tensor, bits: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
+    """Random crop (zero-pad by `pad`, shift by up to `pad`) and horizontal flip of a uint8 batch, drawn
+    from each sample's random bits, as one gather: no per-sample Python."""
+    b, c, h, w = x.shape
+    dy = (bits & 0xFF) % (2 * pad + 1)
+    dx = ((bits >> 8) & 0xFF) % (2 * pad + 1)
+    cols = torch.arange(w, device=x.device).expand(b, w)
+    if flip:
+        cols = torch.where(((bits >> 16) & 1).bool()[:, None], (w - 1) - cols, cols)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
+    rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]
+    cols = cols + dx[:, None]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class Normalise:
+    """uint8 images to normalised float32 on the device, in two kernels."""
+
+    def __init__(self, mean, std, device, channels_last: bool = False):
+        c = len(mean)
+        self.scale = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
+        self.bias = -torch.tensor(mean, device=device).view(1, c, 1, 1) / torch.tensor(std, device=device).view(
+            1, c, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.bias, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+
+
+CHUNK_SAMPLES = 4096  # samples prepared at once on the device path
+
 
 class DeviceBatches:
-    """The whole uint8 split lives on the device; each batch is one gather, one crop/flip gather and a
-    normalise, with no per-sample Python on the hot path."""
+    """The whole uint8 split lives on the device; each micro-batch is an index gather, a crop/flip gather
+    and a normalise."""
 
-    def __init__(self, split: ImageSet, mean, std, device, seed: int = 0, crop_padding: int = 0,
-                 flip: bool = False, channels_last: bool = False):
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.device, self.seed, self.pad, self.flip = device, seed, crop_padding, flip
-        c = self.images.shape[1]
-        self.shift = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(self, split: ImageSet, normalise: Normalise, device, seed: int = 0, crop_padding: int = 0,
+                 flip: bool = False):
+        self.images, self.labels = split.images.to(device), split.labels.to(device)
+        self.normalise, self.device, self.seed, self.pad, self.flip = normalise, device, seed, crop_padding, flip
         self.eval_sets: dict[ImageSet, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def augment(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        b, c, h, w = x.shape
-        bits = sample_bits(self.seed, epoch, index)
-        p = self.pad
-        dy = (bits & 0xFF) % (2 * p + 1) if p else torch.zeros_like(bits)
-        dx = ((bits >> 8) & 0xFF) % (2 * p + 1) if p else torch.zeros_like(bits)
-        cols = torch.arange(w, device=x.device).expand(b, w)
-        if self.flip:
-            flipped = ((bits >> 16) & 1).bool()
-            cols = torch.where(flipped[:, None], (w - 1) - cols, cols)
-        padded = torch.nn.functional.pad(x, (p, p, p, p)) if p else x
-        rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]
-        cols = cols + dx[:, None]
-        batch = torch.arange(b, device=x.device)[:, None, None, None]
-        chan = torch.arange(c, device=x.device)[None, :, None, None]
-        return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
 
     def batch(self, index: torch.Tensor, epoch: int):
         x = self.images[index]
         if self.pad or self.flip:
-            x = self.augment(x, index, epoch)
-        x = ((x.float() - self.shift) * self.scale).contiguous(memory_format=self.memory_format)
-        return x, self.labels[index]
+            x = crop_flip(x, sample_bits(self.seed, epoch, index), self.pad, self.flip)
+        return self.normalise(x), self.labels[index]
 
     def train_epoch(self, order: TrainOrder, epoch: int, start_step: int = 0):
-        for index in order.micro_batches(epoch, start_step, self.device):
-            yield self.batch(index, epoch)
+        """Prepares CHUNK_SAMPLES at a time (one gather, crop/flip and normalise for many micro-steps), then
+        hands out views: a small model would otherwise wait on a handful of tiny kernels per step."""
+        rows = order.rank_rows(epoch, start_step, self.device)
+        per_chunk = max(1, CHUNK_SAMPLES // order.micro_batch)
+        for begin in range(0, len(rows), per_chunk):
+            block = rows[begin:begin + per_chunk]
+            x, y = self.batch(block.flatten(), epoch)
+            for k in range(len(block)):
+                yield x[k * order.micro_batch:(k + 1) * order.micro_batch], y[k * order.micro_batch:
+                                                                               (k + 1) * order.micro_batch]
 
     def eval_batches(self, split: ImageSet, index: torch.Tensor, batch_size: int):
         if split not in self.eval_sets:
@@ -206,29 +229,32 @@ class DeviceBatches:
         index = index.to(self.device)
         for begin in range(0, len(index), batch_size):
             part = index[begin:begin + batch_size]
-            x = ((images[part].float() - self.shift) * self.scale).contiguous(memory_format=self.memory_format)
-            yield x, labels[part]
+            yield self.normalise(images[part]), labels[part]
 
 
-# ---------------------------------------------------------------------------------------------- DataLoader path
+class KeyedDataset(Dataset):
+    """Looks samples up by (epoch, index) keys and crops/flips each one with the same random bits as the
+    device path, so both paths train on identical batches, whatever the workers, ranks or resumes."""
 
-class KeyedTransformDataset(Dataset):
-    """Looks samples up by (epoch, index) keys and draws each sample's augmentation from a generator
-    seeded by (seed, epoch, index), so workers, ranks and resumes all draw the same crops and flips."""
-
-    def __init__(self, base: Dataset, transform, seed: int):
-        self.base, self.transform, self.seed = base, transform, seed
+    def __init__(self, base: Dataset, seed: int, pad: int = 0, flip: bool = False):
+        self.base, self.seed, self.pad, self.flip = base, seed, pad, flip
 
     def __len__(self):
         return len(self.base)
 
     def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        epoch, index = key
         image, label = self.base[index]
-        with torch.random.fork_rng(devices=[]):
-            if epoch is not None:
-                torch.manual_seed(int(sample_bits(self.seed, epoch, torch.tensor(index))) & ((1 << 63) - 1))
-            return self.transform(image), label
+        if not isinstance(image, torch.Tensor):
+            image = pil_to_tensor(image)
+        if image.ndim == 2:
+            image = image[None]
+        if epoch is not None and (self.pad or self.flip):
+            bits = sample_bits(self.seed, epoch, torch.tensor([index]))
+            image = crop_flip(image[None], bits, self.pad, self.flip)[0]
+        return image, label
 
 
 class OrderBatchSampler(Sampler):
@@ -247,47 +273,38 @@ class OrderBatchSampler(Sampler):
 
 
 class LoaderBatches:
-    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder, device, seed: int, augment: bool,
-                 channels_last: bool = False):
-        from torchvision.transforms import v2
+    """A DataLoader with workers over the torchvision dataset; workers decode and augment uint8 samples,
+    the device normalises whole batches."""
 
-        to_input = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(splits.mean, splits.std)]
-        augmentations = []
-        if cfg.crop_padding and augment:
-            augmentations.append(v2.RandomCrop(splits.in_shape[1:], padding=cfg.crop_padding))
-        if cfg.flip and augment:
-            augmentations.append(v2.RandomHorizontalFlip())
-        self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder, normalise: Normalise, device,
+                 seed: int, augment: bool):
+        self.cfg, self.normalise, self.device = cfg, normalise, device
         self.sampler = OrderBatchSampler(order)
-        train = KeyedTransformDataset(splits.train_dataset, v2.Compose(augmentations + to_input), seed)
+        train = KeyedDataset(splits.train_dataset, seed, cfg.crop_padding if augment else 0, cfg.flip and augment)
         self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
                                        pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
-        self.eval_transform = v2.Compose(to_input)
-        self.eval_workers, self.pin_memory = cfg.num_workers, cfg.pin_memory
 
     def to_device(self, x, y):
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return x, y.to(self.device, non_blocking=True)
+        return self.normalise(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
     def train_epoch(self, order: TrainOrder, epoch: int, start_step: int = 0):
         self.sampler.epoch, self.sampler.start_step = epoch, start_step
         for x, y in self.train_loader:
             yield self.to_device(x, y)
 
-    def eval_loader(self, split: ImageSet, index: torch.Tensor, batch_size: int) -> DataLoader:
-        dataset = KeyedTransformDataset(datasets.ImageSetDataset(split.subset(index)), self.eval_transform, 0)
-        return DataLoader(dataset, batch_size=batch_size, num_workers=self.eval_workers,
-                          pin_memory=self.pin_memory)
-
     def eval_batches(self, split: ImageSet, index: torch.Tensor, batch_size: int):
-        for x, y in self.eval_loader(split, index, batch_size):
+        keys = [(None, int(i)) for i in index]
+        dataset = KeyedDataset(datasets.ImageSetDataset(split), 0)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=self.cfg.num_workers,
+                            pin_memory=self.cfg.pin_memory)
+        for x, y in loader:
             yield self.to_device(x, y)
 
 
 def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder, device, seed: int, augment: bool,
                  channels_last: bool):
+    normalise = Normalise(splits.mean, splits.std, device, channels_last)
     if cfg.loader == "device":
-        return DeviceBatches(splits.train, splits.mean, splits.std, device, seed,
-                             cfg.crop_padding if augment else 0, cfg.flip and augment, channels_last)
-    return LoaderBatches(cfg, splits, order, device, seed, augment, channels_last)
+        return DeviceBatches(splits.train, normalise, device, seed, cfg.crop_padding if augment else 0,
+                             cfg.flip and augment)
+    return LoaderBatches(cfg, splits, order, normalise, device, seed, augment)

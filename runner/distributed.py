@@ -1,16 +1,22 @@
 """Process-group setup: the Accelerator, CPU threads, the collective timeout and launch sanity checks."""
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+import accelerate.optimizer
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from runner.config import setting
 from runner.errors import UserError
+
+# Accelerate's optimizer wrapper asks importlib whether the optional lomo_optim package exists twice on
+# every step: as long as a whole step of a small model. The answer cannot change during a run.
+accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 @dataclass
 class DistConfig:
@@ -63,7 +69,9 @@ def make_accelerator(cfg: DistConfig, mixed_precision: str, accumulation: int, r
         gradient_accumulation_steps=accumulation,
         # The loop steps the scheduler itself, once per optimizer step, whatever the world size.
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s)),
+                         # Gradients live in DDP's buckets: one copy fewer per step.
+                         DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tracking")),
         log_with=trackers or None,
     )

@@ -194,7 +194,7 @@ def run(cfg: Config, config_label: str) -> int:
     model.train()
     speed.start()
     while stopped is None and state.epoch < epochs and not state.early_stopped and not out_of_steps():
-        window_loss = torch.zeros((), device=acc.device)
+        window_loss = None  # the sum of this accumulation window's micro-batch losses
         data_started = time.perf_counter()
         for x, y in batches.train_epoch(order, state.epoch, state.step_in_epoch):
             speed.add_data_wait(time.perf_counter() - data_started)
@@ -206,8 +206,9 @@ def run(cfg: Config, config_label: str) -> int:
                 if acc.sync_gradients and cfg.train.grad_clip:
                     acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach()
+                if acc.sync_gradients:  # as AcceleratedOptimizer.zero_grad, without its per-call inspect
+                    optimizer.optimizer.zero_grad(set_to_none=True)
+            window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
             data_started = time.perf_counter()
             if not acc.sync_gradients:
                 continue
@@ -223,7 +224,7 @@ def run(cfg: Config, config_label: str) -> int:
             else:
                 totals = [window_loss.item(), signalled]
             train_loss = totals[0] / accumulation / acc.num_processes
-            window_loss = torch.zeros((), device=acc.device)
+            window_loss = None
             state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
             state.samples_seen += global_batch
             speed.add_step(global_batch // acc.num_processes)

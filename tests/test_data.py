@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.data import DataConfig, DeviceBatches, TrainOrder, load_splits, shard_range
+from runner.data import DataConfig, DeviceBatches, Normalise, TrainOrder, load_splits, shard_range
 from runner.datasets import ImageSet
 from tests.conftest import QUIET
 from tests.test_config import error_line
@@ -260,7 +260,8 @@ def test_shard_range_covers_each_index_exactly_once(n, world):
 def raw_batches(images: ImageSet, **kwargs) -> DeviceBatches:
     """DeviceBatches with mean 0 and std 1/255, so its output is the uint8 pixels as floats."""
     c = images.images.shape[1]
-    return DeviceBatches(images, (0.0,) * c, (1 / 255,) * c, torch.device("cpu"), **kwargs)
+    cpu = torch.device("cpu")
+    return DeviceBatches(images, Normalise((0.0,) * c, (1 / 255,) * c, cpu), cpu, **kwargs)
 
 
 @pytest.fixture
@@ -277,7 +278,8 @@ def test_augmentation_off_leaves_images_unchanged(image_set):
     assert torch.allclose(x, image_set.images[index].float(), atol=1e-3)
     assert torch.equal(y, image_set.labels[index])
     # and the normalisation with real statistics is (x/255 - mean) / std
-    normed = DeviceBatches(image_set, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    normed = DeviceBatches(image_set, Normalise((0.5, 0.4, 0.3), (0.2, 0.25, 0.3), cpu), cpu)
     x, _ = normed.batch(index, epoch=0)
     mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
     assert torch.allclose(x, (image_set.images[index].float() / 255 - mean) / std, atol=1e-4)
@@ -339,13 +341,21 @@ def test_torchvision_loader_path_trains(train_main, mnist_root, tmp_path):
     assert s_loader["final"]["test"]["loss"] == pytest.approx(s_device["final"]["test"]["loss"], rel=1e-4)
 
 
-def test_torchvision_loader_path_with_augmentation_and_workers(train_main, mnist_root):
-    result = train_main(["--config", "mnist", f"data.root={mnist_root}", "data.loader=torchvision",
-                         "data.crop_padding=2", "data.flip=true", "data.num_workers=1", "train.epochs=1",
-                         "train.limit_train_batches=3", *QUIET])
-    assert result.returncode == 0, result.stderr
-    s = summary(result.run_root / "mnist")
-    assert s["steps"] == 3 and s["final"]["test"]["samples"] == 100
+def test_torchvision_loader_path_with_augmentation_and_workers(train_main, cifar_root, tmp_path):
+    """With crops and flips and a worker process, the DataLoader path still trains on exactly the device
+    path's batches: both end with the same weights."""
+    from safetensors.torch import load_file
+
+    common = ["--config", "cifar10", f"data.root={cifar_root}", "model.kwargs={width: 4, hidden: 16}",
+              "data.crop_padding=4", "data.flip=true", "train.epochs=2", "train.micro_batch_size=16", *QUIET]
+    device = train_main(common, run_root=tmp_path / "device")
+    loader = train_main(common + ["data.loader=torchvision", "data.num_workers=1"], run_root=tmp_path / "loader")
+    assert device.returncode == 0 and loader.returncode == 0, loader.stderr
+    weights = [load_file(sorted((r.run_root / "cifar10" / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+               for r in (device, loader)]
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6), key
+    assert summary(loader.run_root / "cifar10")["steps"] == 2 * (200 // 16)
 
 
 def test_fashion_mnist_trains(train_main, fashion_mnist_root):
