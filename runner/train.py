@@ -182,7 +182,8 @@ def run(cfg: Config, config_label: str) -> int:
     log.info(f"run {run_dir} | world {acc.num_processes} x {acc.device.type} | precision "
              f"{cfg.train.mixed_precision} | micro {cfg.train.micro_batch_size} x accumulation {accumulation} "
              f"x world {acc.num_processes} = global {global_batch}\ndata {cfg.data.name} ({cfg.data.loader} "
-             f"path): train {len(train_set)}, {eval_split} {len(eval_set)}, test {len(splits.test)} | model "
+             f"path): train {len(train_set)}, {eval_split} {len(eval_set)}"
+             f"{f', test {len(splits.test)}' if eval_split != 'test' else ''} | model "
              f"{cfg.model.name}: {parameter_count(model):,} parameters, {flops / 1e6:.2f} MFLOP/sample (fwd+bwd)"
              f" | {total_steps} steps")
 

@@ -97,11 +97,9 @@ def test_signal_policy():
         preemption.received = None
 
 
-def test_launcher_precision_must_agree_with_the_config(tmp_path):
-    from tests.util import clean_env
-
-    env = clean_env(tmp_path, ACCELERATE_MIXED_PRECISION="bf16")
-    result = run_train(ARGS, tmp_path, env=env)
+def test_launcher_precision_must_agree_with_the_config(train_main, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    result = train_main(ARGS)
     assert result.returncode == 2 and "train.mixed_precision=bf16" in result.stderr
-    agreed = run_train(ARGS + ["train.mixed_precision=bf16"], tmp_path, env=env)
+    agreed = train_main(ARGS + ["train.mixed_precision=bf16"])
     assert agreed.returncode == 0 and "precision bf16" in agreed.stdout

@@ -47,11 +47,11 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("step, where", [(6, "first step of epoch 2 (after the epoch-1 boundary)"),
                                          (5, "last step of epoch 1"), (9, "middle of epoch 2")])
-def test_resume_from_any_step_is_bit_identical(reference, tmp_path, step, where):
+def test_resume_from_any_step_is_bit_identical(reference, tmp_path, train_main, step, where):
     checkpoint = reference / "checkpoints" / f"step_{step:08d}"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     assert manifest["global_step"] == step
-    result = ok(run_train(COMMON + ["run.name=resumed", f"resume={checkpoint}"], tmp_path))
+    result = ok(train_main(COMMON + ["run.name=resumed", f"resume={checkpoint}"]))
     assert f"resumed from {checkpoint}" in result.stdout
     assert_identical(final_weights(reference), final_weights(tmp_path / "runs" / "resumed"))
 
@@ -118,57 +118,57 @@ def test_two_process_resume_is_bit_identical(tmp_path):
     assert_identical(final_weights(tmp_path / "runs" / "ref2"), final_weights(tmp_path / "runs" / "sig2"))
 
 
-def test_changed_training_keys_are_listed_and_epochs_may_change(reference, tmp_path):
+def test_changed_training_keys_are_listed_and_epochs_may_change(reference, tmp_path, train_main):
     run_dir = tmp_path / "runs" / "ref"
     shutil.copytree(reference, run_dir)
-    bad = run_train(COMMON + ["run.name=ref", "optim.lr=0.5", "train.seed=3"], tmp_path)
+    bad = train_main(COMMON + ["run.name=ref", "optim.lr=0.5", "train.seed=3"])
     assert bad.returncode == 2
     line = bad.stderr.strip()
     assert line.count("\n") == 0 and "optim.lr" in line and "train.seed" in line, line
-    longer = ok(run_train(COMMON + ["run.name=ref", "train.epochs=3"], tmp_path))
+    longer = ok(train_main(COMMON + ["run.name=ref", "train.epochs=3"]))
     assert "resumed from" in longer.stdout
     assert json.loads((run_dir / "summary.json").read_text())["epochs_completed"] == 3
 
 
-def test_resume_none_refuses_to_overwrite_unless_told(reference, tmp_path):
+def test_resume_none_refuses_to_overwrite_unless_told(reference, tmp_path, train_main):
     run_dir = tmp_path / "runs" / "ref"
     shutil.copytree(reference, run_dir)
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    refused = run_train(COMMON + ["run.name=ref", "resume=none"], tmp_path)
+    refused = train_main(COMMON + ["run.name=ref", "resume=none"])
     assert refused.returncode == 2 and "already holds checkpoints" in refused.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
-    ok(run_train(COMMON + ["run.name=ref", "resume=none", "run.overwrite=true", "checkpoint.keep_last=1"], tmp_path))
+    ok(train_main(COMMON + ["run.name=ref", "resume=none", "run.overwrite=true", "checkpoint.keep_last=1"]))
     assert len(list((run_dir / "checkpoints").glob("step_*"))) <= 2  # last, plus best if different
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_says_so(reference, tmp_path):
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(reference, tmp_path, train_main):
     run_dir = tmp_path / "runs" / "ref"
     shutil.copytree(reference, run_dir)
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     (newest / "model.safetensors").write_bytes((newest / "model.safetensors").read_bytes()[:100])
     # A half-written checkpoint from a kill -9: never picked.
     shutil.copytree(newest.parent / "step_00000011", newest.parent / ".tmp-step_00000013")
-    result = ok(run_train(COMMON + ["run.name=ref", "train.epochs=3"], tmp_path))
+    result = ok(train_main(COMMON + ["run.name=ref", "train.epochs=3"]))
     assert f"{newest} is corrupt" in result.stdout + result.stderr
     assert "resumed from" in result.stdout and "step_00000011" in result.stdout
 
 
-def test_explicit_bad_checkpoints_give_one_line(reference, tmp_path):
+def test_explicit_bad_checkpoints_give_one_line(reference, tmp_path, train_main):
     broken = tmp_path / "broken"
     shutil.copytree(reference / "checkpoints" / "step_00000004", broken)
     (broken / "optimizer.bin").write_bytes(b"\0" * 10)
     cases = {str(tmp_path / "missing"): "does not exist", str(tmp_path): "not a checkpoint",
              str(broken): "corrupt"}
     for path, expected in cases.items():
-        result = run_train(COMMON + ["run.name=x", f"resume={path}"], tmp_path)
+        result = train_main(COMMON + ["run.name=x", f"resume={path}"])
         assert result.returncode == 2, result.stderr
         assert expected in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_non_finite_loss_stops_without_saving(tmp_path):
-    result = run_train(["--config", "digits", "run.name=nan", "optim.lr=1e38", "log.trackers=[]",
-                        "checkpoint.every_steps=1"], tmp_path)
+def test_non_finite_loss_stops_without_saving(tmp_path, train_main):
+    result = train_main(["--config", "digits", "run.name=nan", "optim.lr=1e38", "log.trackers=[]",
+                         "checkpoint.every_steps=1"])
     assert result.returncode == 2
     assert "non-finite training loss at step" in result.stderr
     run_dir = tmp_path / "runs" / "nan"
