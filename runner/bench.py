@@ -4,7 +4,8 @@
 
 For MNIST-shaped data (Linear 784->10, batch 32) and CIFAR-shaped data (SimpleCNN, batch 64) it measures,
 in one run on the same files (written in the real formats to a temporary directory):
-- compute bound: forward+backward+step on one fixed batch already in memory;
+- compute bound: forward+backward+step on one fixed batch already in memory (also with bf16 autocast and
+  channels_last, the ceiling for the runner's speed options);
 - plain loop: a hand-written loop over the uint8 tensor in memory (index, augment, normalise, step);
 - tutorial loop: torchvision dataset, PIL transforms, DataLoader, as the tutorials write it;
 - the runner end to end (train.py in a subprocess; its summary.json img/s), on the device path, on the
@@ -60,13 +61,18 @@ def timed(step, batch: int, seconds: float, warmup: int = 5) -> float:
     return count * batch / (time.perf_counter() - start)
 
 
-def compute_bound(case: dict, seconds: float) -> float:
+def compute_bound(case: dict, seconds: float, fast: bool = False) -> float:
+    """One fixed batch in memory; `fast` adds the runner's speed options (bf16 autocast, channels_last)."""
     model = make_model(case)
     opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
     x, y = torch.randn(case["batch"], *case["shape"]), torch.randint(0, 10, (case["batch"],))
+    if fast:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -187,6 +193,7 @@ def bench_case(key: str, seconds: float, workdir: Path, repeats: int) -> dict:
     rounds = []
     for _ in range(repeats):  # whole rounds, so that a slow spell of a shared machine hits every variant
         measured = {"compute_bound": compute_bound(case, seconds),
+                    "compute_bound_fast": compute_bound(case, seconds, fast=True),
                     "plain_loop": plain_loop(case, images, labels, seconds),
                     "tutorial_loop": tutorial_loop(case, root, seconds)}
         summaries = {
@@ -209,6 +216,7 @@ def bench_case(key: str, seconds: float, workdir: Path, repeats: int) -> dict:
         "runner / tutorial_loop": results["runner"] / results["tutorial_loop"],
         "runner_torchvision / tutorial_loop": results["runner_torchvision"] / results["tutorial_loop"],
         "runner_fast / tutorial_loop": results["runner_fast"] / results["tutorial_loop"],
+        "runner_fast / compute_bound_fast": results["runner_fast"] / results["compute_bound_fast"],
         "runner_2x1 / runner_1x1": results["runner_2x1"] / results["runner_1x1"],
     }
     return {"batch": case["batch"], "model": case["model"], "repeats": repeats, "img_per_s": results, "ratios": ratios,

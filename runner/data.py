@@ -117,10 +117,23 @@ def mix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 31) & ((1 << 33) - 1))
 
 
+def sample_key(seed: int, epoch: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 2_654_435_761) % (1 << 40)
+
+
 def sample_bits(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
     """64 random bits per sample, a pure function of (seed, epoch, sample index)."""
-    key = ((seed * 1_000_003 + epoch) * 2_654_435_761) % (1 << 40)
-    return mix64(index.long() * 0x9E3779B9 + key)
+    return mix64(index.long() * 0x9E3779B9 + sample_key(seed, epoch))
+
+
+def sample_bits_one(seed: int, epoch: int, index: int) -> int:
+    """sample_bits for one sample in plain Python (its low 63 bits are the same): the per-sample
+    DataLoader path would spend longer on a dozen tiny tensor ops than on the crop itself."""
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B9 + sample_key(seed, epoch)) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return x ^ (x >> 31)
 
 
 class TrainOrder:
@@ -234,7 +247,8 @@ class DeviceBatches:
 
 class KeyedDataset(Dataset):
     """Looks samples up by (epoch, index) keys and crops/flips each one with the same random bits as the
-    device path, so both paths train on identical batches, whatever the workers, ranks or resumes."""
+    device path (crop_flip), so both paths train on identical batches, whatever the workers, ranks or
+    resumes."""
 
     def __init__(self, base: Dataset, seed: int, pad: int = 0, flip: bool = False):
         self.base, self.seed, self.pad, self.flip = base, seed, pad, flip
@@ -252,8 +266,14 @@ class KeyedDataset(Dataset):
         if image.ndim == 2:
             image = image[None]
         if epoch is not None and (self.pad or self.flip):
-            bits = sample_bits(self.seed, epoch, torch.tensor([index]))
-            image = crop_flip(image[None], bits, self.pad, self.flip)[0]
+            bits, p = sample_bits_one(self.seed, epoch, index), self.pad
+            dy, dx = (bits & 0xFF) % (2 * p + 1), ((bits >> 8) & 0xFF) % (2 * p + 1)
+            h, w = image.shape[1:]
+            if p:
+                image = torch.nn.functional.pad(image, (p, p, p, p))[:, dy:dy + h, dx:dx + w]
+            if self.flip and (bits >> 16) & 1:
+                image = image.flip(-1)
+            image = image.contiguous()
         return image, label
 
 

@@ -380,3 +380,13 @@ def test_top5_accuracy_is_not_merged_with_top1():
     batches = [(logits[:4], labels[:4]), (logits[4:], labels[4:])]
     results = Evaluator(10, "cpu").run(model, batches, contextlib.nullcontext)
     assert results["accuracy"] == 0.5 and results["top5_accuracy"] == 1.0 and results["samples"] == 8
+
+
+def test_per_sample_bits_match_the_batched_ones():
+    from runner.data import sample_bits, sample_bits_one
+
+    index = torch.tensor([0, 1, 7, 49_999, 1 << 20])
+    for seed, epoch in ((0, 0), (3, 11), (12345, 2)):
+        batched = sample_bits(seed, epoch, index)
+        for i, bits in zip(index.tolist(), batched.tolist()):
+            assert sample_bits_one(seed, epoch, i) & ((1 << 63) - 1) == bits & ((1 << 63) - 1)
