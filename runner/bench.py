@@ -61,6 +61,12 @@ def timed(step, batch: int, seconds: float, warmup: int = 5) -> float:
     return count * batch / (time.perf_counter() - start)
 
 
+def endless(epoch):
+    """Batches from `epoch()` again and again."""
+    while True:
+        yield from epoch()
+
+
 def compute_bound(case: dict, seconds: float, fast: bool = False) -> float:
     """One fixed batch in memory; `fast` adds the runner's speed options (bf16 autocast, channels_last)."""
     model = make_model(case)
@@ -90,15 +96,10 @@ def plain_loop(case: dict, images: torch.Tensor, labels: torch.Tensor, seconds: 
     order = TrainOrder(len(labels), 0, case["batch"], case["batch"], 1, 0)
     model = make_model(case)
     opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
-    stream = iter(())
+    stream = endless(lambda: batches.train_epoch(order, 0))
 
     def step():
-        nonlocal stream
-        try:
-            x, y = next(stream)
-        except StopIteration:
-            stream = batches.train_epoch(order, 0)
-            x, y = next(stream)
+        x, y = next(stream)
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,15 +123,10 @@ def tutorial_loop(case: dict, root: Path, seconds: float) -> float:
     model = make_model(case)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
-    stream = iter(())
+    stream = endless(lambda: loader)
 
     def step():
-        nonlocal stream
-        try:
-            images, labels = next(stream)
-        except StopIteration:
-            stream = iter(loader)
-            images, labels = next(stream)
+        images, labels = next(stream)
         optimizer.zero_grad()
         loss = criterion(model(images), labels)
         loss.backward()
@@ -223,6 +219,19 @@ def bench_case(key: str, seconds: float, workdir: Path, repeats: int) -> dict:
             "test_accuracy": accuracy}
 
 
+def markdown(report: dict) -> str:
+    """The README's table: img/s per variant and the ratios, for each data shape."""
+    cases = report["cases"]
+    keys = list(cases)
+    head = "| img/s | " + " | ".join(f"{k} ({cases[k]['model']}, batch {cases[k]['batch']})" for k in keys) + " |"
+    lines = [head, "|---" * (len(keys) + 1) + "|"]
+    for label in cases[keys[0]]["img_per_s"]:
+        lines.append(f"| {label} | " + " | ".join(f"{cases[k]['img_per_s'][label]:,.0f}" for k in keys) + " |")
+    for label in cases[keys[0]]["ratios"]:
+        lines.append(f"| **{label}** | " + " | ".join(f"{cases[k]['ratios'][label]:.2f}x" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -253,6 +262,7 @@ def main(argv=None) -> int:
             for label, value in case["ratios"].items():
                 print(f"  {label:<36} {value:6.2f}x")
             print("  test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in case["test_accuracy"].items()))
+    print("\n" + markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1))

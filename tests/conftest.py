@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import fakedata
+from runner import sample_files
 from tests.util import run_train
 
 # Small and quiet defaults for runs whose trackers and plot are not under test.
@@ -26,7 +26,7 @@ QUIET = ["log.trackers=[]", "log.plot=false"]
 def mnist_root(tmp_path_factory) -> Path:
     """data.root holding MNIST/raw/ with 256 train and 100 test images (IDX files, uncompressed)."""
     root = tmp_path_factory.mktemp("mnist_data")
-    fakedata.write_mnist(root)
+    sample_files.write_mnist(root)
     return root
 
 
@@ -34,7 +34,7 @@ def mnist_root(tmp_path_factory) -> Path:
 def fashion_mnist_root(tmp_path_factory) -> Path:
     """data.root holding FashionMNIST/raw/ (torchvision's folder name for fashion_mnist)."""
     root = tmp_path_factory.mktemp("fashion_mnist_data")
-    fakedata.write_mnist(root, folder="FashionMNIST", seed=1)
+    sample_files.write_mnist(root, folder="FashionMNIST", seed=1)
     return root
 
 
@@ -42,7 +42,7 @@ def fashion_mnist_root(tmp_path_factory) -> Path:
 def cifar_root(tmp_path_factory) -> Path:
     """data.root holding cifar-10-batches-py/ with 5 x 40 train and 60 test images (md5s not official)."""
     root = tmp_path_factory.mktemp("cifar_data")
-    fakedata.write_cifar10(root)
+    sample_files.write_cifar10(root)
     return root
 
 

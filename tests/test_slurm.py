@@ -229,24 +229,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(jobs):
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI not installed")
-def test_multi_node_gpu_script_launches_one_accelerate_per_node(jobs):
-    job, reference = jobs["accelerate"], jobs["reference"]
+@pytest.mark.parametrize("name, layout", [
+    ("accelerate", r"2 nodes x 1 processes on n\[1-2\], head n1:\d+"),   # multi_node_gpu.sbatch
+    ("single_node", r"\): 2 processes on n[12] "),                      # single_node_gpu.sbatch
+])
+def test_gpu_scripts_launch_accelerate_and_match_the_reference(jobs, name, layout):
+    job, reference = jobs[name], jobs["reference"]
     check_completed(job)
     check_run(job)
-    assert re.search(r"2 nodes x 1 processes on n\[1-2\], head n1:\d+", job.output()), job.explain()
+    assert re.search(layout, job.output()), job.explain()
     check_completed(reference)
     assert job.final_weights() == reference.final_weights(), (
-        f"final weights of the accelerate job {job.id} differ from the srun-per-rank job {reference.id}")
-    print(f"2-node accelerate job {job.id}: {job.seconds:.0f} s from submission to the end")
-
-
-@pytest.mark.skipif(shutil.which("accelerate", path=str(BIN)) is None, reason="accelerate CLI not installed")
-def test_single_node_gpu_script_launches_all_processes_in_one_task(jobs):
-    job, reference = jobs["single_node"], jobs["reference"]
-    check_completed(job)
-    check_run(job)
-    assert re.search(r"\): 2 processes on n[12] ", job.output()), job.explain()
-    check_completed(reference)
-    assert job.final_weights() == reference.final_weights(), (
-        f"final weights of the single-node accelerate job {job.id} differ from the srun-per-rank job {reference.id}")
-    print(f"1-node accelerate job {job.id}: {job.seconds:.0f} s from submission to the end")
+        f"final weights of the {name} job {job.id} differ from the srun-per-rank job {reference.id}")
+    print(f"{name} job {job.id}: {job.seconds:.0f} s from submission to the end")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch
 import torch.distributed as dist
 
 from runner.data import TrainOrder, shard_range
