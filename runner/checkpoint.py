@@ -47,8 +47,6 @@ class RunState:
         self.evals_since_best = 0     # early-stopping counter
         self.fingerprint: dict = {}   # training-relevant config keys
         self.early_stopped = False
-        self.train_seconds = 0.0
-        self.samples_seen = 0
 
     def state_dict(self) -> dict:
         return dict(vars(self))

@@ -227,7 +227,6 @@ def run(cfg: Config, config_label: str) -> int:
             train_loss = totals[0] / accumulation / acc.num_processes
             window_loss = None
             state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
-            state.samples_seen += global_batch
             speed.add_step(global_batch // acc.num_processes)
             if not math.isfinite(train_loss):
                 last = checkpoints.complete()[-1] if checkpoints.complete() else "none"
