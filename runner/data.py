@@ -91,8 +91,8 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                 else lambda r, d, t: datasets.load_mnist_family(cfg.name, r, d, t))
         train, train_ds = load(root, cfg.download, True)
         test, _ = load(root, cfg.download, False)
-    datasets.check_labels(f"{cfg.name} train split", train, num_classes)
-    datasets.check_labels(f"{cfg.name} test split", test, num_classes)
+    datasets.check_labels(f"{cfg.name} train split", train.labels, num_classes)
+    datasets.check_labels(f"{cfg.name} test split", test.labels, num_classes)
     mean, std = datasets.NORMALISATION.get(cfg.name) or datasets.channel_stats(train.images)
     eval_set, eval_split = test, "test"
     if cfg.val_fraction > 0:
@@ -231,9 +231,7 @@ class DeviceBatches:
         for begin in range(0, len(rows), per_chunk):
             block = rows[begin:begin + per_chunk]
             x, y = self.batch(block.flatten(), epoch)
-            for k in range(len(block)):
-                yield x[k * order.micro_batch:(k + 1) * order.micro_batch], y[k * order.micro_batch:
-                                                                               (k + 1) * order.micro_batch]
+            yield from zip(x.split(order.micro_batch), y.split(order.micro_batch))
 
     def eval_batches(self, split: ImageSet, index: torch.Tensor, batch_size: int):
         if split not in self.eval_sets:

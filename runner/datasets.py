@@ -103,7 +103,7 @@ def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tup
         raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds {n_labels} labels")
     ds = cls(str(root), train=train, download=False)
     split = ImageSet(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
-    check_labels(str(labels_file), split, NUM_CLASSES)
+    check_labels(str(labels_file), split.labels, NUM_CLASSES)
     return split, ds
 
 
@@ -134,7 +134,7 @@ def check_cifar_batch(path: Path) -> None:
         raise DataError(f"{path}: data of shape {getattr(data, 'shape', '?')} and {len(labels)} labels; "
                         f"expected N x 3072 bytes and N labels")
     if len(labels):
-        check_labels(str(path), ImageSet(torch.zeros(len(labels), 0), torch.tensor(labels)), NUM_CLASSES)
+        check_labels(str(path), torch.tensor(labels), NUM_CLASSES)
 
 
 def cifar10_class():
@@ -211,10 +211,10 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
 
 
-def check_labels(source: str, split: ImageSet, num_classes: int) -> None:
-    if len(split) == 0:
+def check_labels(source: str, labels: torch.Tensor, num_classes: int) -> None:
+    if len(labels) == 0:
         raise DataError(f"{source} is empty")
-    low, high = int(split.labels.min()), int(split.labels.max())
+    low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= num_classes:
         raise DataError(f"{source}: labels run from {low} to {high}, outside the {num_classes} classes "
                         f"0..{num_classes - 1}")

@@ -229,7 +229,7 @@ def run(cfg: Config, config_label: str) -> int:
             state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
             speed.add_step(global_batch // acc.num_processes)
             if not math.isfinite(train_loss):
-                last = checkpoints.complete()[-1] if checkpoints.complete() else "none"
+                last = (checkpoints.complete() or ["none"])[-1]
                 raise UserError(f"non-finite training loss at step {state.global_step} (epoch {state.epoch + 1});"
                                 f" stopped without saving; last good checkpoint: {last}")
             lr = scheduler.get_last_lr()[0]
