@@ -23,7 +23,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
 bench: $(STAMP)
-	$(PY) -m runner.bench --json runs/bench.json
+	$(PY) -m benchmarks.bench --json runs/bench.json
 
 clean:
 	rm -rf runs

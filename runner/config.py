@@ -23,9 +23,12 @@ class ConfigError(UserError):
     pass
 
 
-def setting(default: Any, *, choices=None, min=None, above=None, max=None):
-    """A config field with its allowed values: `min`/`max` are inclusive bounds, `above` is exclusive."""
-    meta = {"choices": choices, "min": min, "above": above, "max": max}
+def setting(default: Any, *, choices=None, min=None, above=None, max=None, fingerprint: bool = False):
+    """A config field with its allowed values: `min`/`max` are inclusive bounds, `above` is exclusive.
+
+    `fingerprint=True` marks a key whose change makes a run a different experiment: a checkpoint written
+    under one value is never resumed under another."""
+    meta = {"choices": choices, "min": min, "above": above, "max": max, "fingerprint": fingerprint}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -252,12 +255,26 @@ def dump(cfg) -> str:
 
 # ---------------------------------------------------------------------------------------------- command line
 
-def parse_command_line(argv: list[str], flags: dict[str, str]) -> tuple[dict, list[tuple[str, str]]]:
+def fingerprint_keys(cls, prefix: str = "") -> list[str]:
+    """The dotted keys declared with `setting(..., fingerprint=True)`, at any depth."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += fingerprint_keys(hint, f"{prefix}{f.name}.")
+        elif f.metadata.get("fingerprint"):
+            keys.append(prefix + f.name)
+    return keys
+
+
+def parse_command_line(argv: list[str], flags: dict[str, str],
+                       positional: bool = False) -> tuple[dict, list[tuple[str, str]]]:
     """Split argv into known `--flags` and `section.key=value` overrides (also `--section.key value`).
 
-    `flags` maps each flag to "value" (takes an argument) or "switch".
+    `flags` maps each flag to "value" (takes an argument) or "switch". With `positional`, other bare
+    arguments (paths) are collected in options["args"].
     """
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"args": []} if positional else {}
     overrides: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):
@@ -279,6 +296,8 @@ def parse_command_line(argv: list[str], flags: dict[str, str]) -> tuple[dict, li
         elif arg.startswith("--") and i + 1 < len(argv):
             overrides.append((arg[2:], argv[i + 1]))
             i += 1
+        elif positional and not arg.startswith("-"):
+            options["args"].append(arg)
         else:
             raise ConfigError(f"cannot parse argument {arg!r}: expected section.key=value or one of "
                               f"{', '.join(sorted(flags))}")

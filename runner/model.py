@@ -14,8 +14,8 @@ from runner.errors import UserError
 
 @dataclass
 class ModelConfig:
-    name: str = "linear"
-    kwargs: dict = setting({})
+    name: str = setting("linear", fingerprint=True)
+    kwargs: dict = setting({}, fingerprint=True)
     channels_last: bool = False      # NHWC memory format: faster convolutions with AMX/oneDNN and tensor cores
     compile: bool = False            # torch.compile, applied before the DDP wrap
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)

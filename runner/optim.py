@@ -13,16 +13,16 @@ NAMES = ["sgd", "adam", "adamw", "rmsprop"]
 
 @dataclass
 class OptimConfig:
-    name: str = setting("sgd", choices=NAMES)
-    lr: float = setting(0.01, above=0.0)
-    momentum: float = setting(0.0, min=0.0, max=1.0)       # sgd, rmsprop
-    nesterov: bool = False                                 # sgd
-    weight_decay: float = setting(0.0, min=0.0)            # L2
-    l1: float = setting(0.0, min=0.0)                      # L1 penalty on weights, added to the loss
-    betas: list[float] = setting([0.9, 0.999])             # adam, adamw
-    eps: float = setting(1e-8, above=0.0)
-    alpha: float = setting(0.99, above=0.0, max=1.0)       # rmsprop smoothing
-    decay_norm_and_bias: bool = True                       # false: no weight decay on 1-d parameters
+    name: str = setting("sgd", choices=NAMES, fingerprint=True)
+    lr: float = setting(0.01, above=0.0, fingerprint=True)
+    momentum: float = setting(0.0, min=0.0, max=1.0, fingerprint=True)  # sgd, rmsprop
+    nesterov: bool = setting(False, fingerprint=True)  # sgd
+    weight_decay: float = setting(0.0, min=0.0, fingerprint=True)  # L2
+    l1: float = setting(0.0, min=0.0, fingerprint=True)  # L1 penalty on weights, added to the loss
+    betas: list[float] = setting([0.9, 0.999], fingerprint=True)  # adam, adamw
+    eps: float = setting(1e-8, above=0.0, fingerprint=True)
+    alpha: float = setting(0.99, above=0.0, max=1.0, fingerprint=True)  # rmsprop smoothing
+    decay_norm_and_bias: bool = setting(True, fingerprint=True)  # false: no weight decay on 1-d parameters
 
     def validate(self):
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):

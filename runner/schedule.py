@@ -17,14 +17,14 @@ NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
 
 @dataclass
 class ScheduleConfig:
-    name: str = setting("constant", choices=NAMES)
-    warmup_steps: int = setting(0, min=0)
-    warmup_start_factor: float = setting(0.1, min=0.0, max=1.0)
-    step_epochs: int = setting(1, min=1)          # step: decay every this many epochs
-    milestones: list[int] = setting([])           # multistep: epochs at which to decay
-    gamma: float = setting(0.1, above=0.0)        # step, multistep: decay factor
-    min_lr_factor: float = setting(0.0, min=0.0, max=1.0)   # cosine, onecycle: floor as a fraction of lr
-    pct_start: float = setting(0.25, above=0.0, max=1.0)    # onecycle: fraction of steps rising
+    name: str = setting("constant", choices=NAMES, fingerprint=True)
+    warmup_steps: int = setting(0, min=0, fingerprint=True)
+    warmup_start_factor: float = setting(0.1, min=0.0, max=1.0, fingerprint=True)
+    step_epochs: int = setting(1, min=1, fingerprint=True)  # step: decay every this many epochs
+    milestones: list[int] = setting([], fingerprint=True)  # multistep: epochs at which to decay
+    gamma: float = setting(0.1, above=0.0, fingerprint=True)  # step, multistep: decay factor
+    min_lr_factor: float = setting(0.0, min=0.0, max=1.0, fingerprint=True)  # cosine, onecycle: floor as a fraction of lr
+    pct_start: float = setting(0.25, above=0.0, max=1.0, fingerprint=True)  # onecycle: fraction of steps rising
 
     def validate(self):
         if sorted(self.milestones) != self.milestones or any(m < 1 for m in self.milestones):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import sample_files
+from tests import sample_files
 from tests.util import run_train
 
 # Small and quiet defaults for runs whose trackers and plot are not under test.

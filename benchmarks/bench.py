@@ -1,6 +1,6 @@
 """Benchmark: the runner against the compute bound, a hand-written loop and the tutorial loop, side by side.
 
-    python -m runner.bench [--seconds 6] [--json runs/bench.json] [--only mnist|cifar]
+    python -m benchmarks.bench [--seconds 6] [--json runs/bench.json] [--only mnist|cifar]
 
 For MNIST-shaped data (Linear 784->10, batch 32) and CIFAR-shaped data (SimpleCNN, batch 64) it measures,
 in one run on the same files (written in the real formats to a temporary directory):
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from models.cnn import SimpleCNN
 from models.linear import LinearClassifier
 from runner.datasets import NORMALISATION, cifar10_class
-from runner.sample_files import write_cifar10, write_mnist
+from tests.sample_files import write_cifar10, write_mnist
 
 REPO = Path(__file__).resolve().parent.parent
 
