@@ -55,7 +55,8 @@ class DeviceBatches:
     and a normalise."""
 
     def __init__(self, split: ImageSet, normalise: Normalise, device, seed: int = 0, crop_padding: int = 0,
-                 flip: bool = False):
+                 flip: bool = False, order: TrainOrder | None = None):
+        self.order = order
         self.images, self.labels = split.images.to(device), split.labels.to(device)
         self.normalise, self.device, self.seed, self.pad, self.flip = normalise, device, seed, crop_padding, flip
         self.eval_sets: dict[ImageSet, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -66,9 +67,10 @@ class DeviceBatches:
             x = crop_flip(x, sample_bits(self.seed, epoch, index), self.pad, self.flip)
         return self.normalise(x), self.labels[index]
 
-    def train_epoch(self, order: TrainOrder, epoch: int, start_step: int = 0):
+    def train_epoch(self, epoch: int, start_step: int = 0):
         """Prepares CHUNK_SAMPLES at a time (one gather, crop/flip and normalise for many micro-steps), then
         hands out views: a small model would otherwise wait on a handful of tiny kernels per step."""
+        order = self.order
         rows = order.rank_rows(epoch, start_step, self.device)
         per_chunk = max(1, CHUNK_SAMPLES // order.micro_batch)
         for begin in range(0, len(rows), per_chunk):
@@ -148,7 +150,7 @@ class LoaderBatches:
     def to_device(self, x, y):
         return self.normalise(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
-    def train_epoch(self, order: TrainOrder, epoch: int, start_step: int = 0):
+    def train_epoch(self, epoch: int, start_step: int = 0):
         self.sampler.epoch, self.sampler.start_step = epoch, start_step
         for x, y in self.train_loader:
             yield self.to_device(x, y)
@@ -167,5 +169,5 @@ def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder, device, see
     normalise = Normalise(splits.mean, splits.std, device, channels_last)
     if cfg.loader == "device":
         return DeviceBatches(splits.train, normalise, device, seed, cfg.crop_padding if augment else 0,
-                             cfg.flip and augment)
+                             cfg.flip and augment, order)
     return LoaderBatches(cfg, splits, order, normalise, device, seed, augment)

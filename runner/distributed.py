@@ -5,36 +5,51 @@ import functools
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-
-import accelerate.optimizer
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+from pathlib import Path
 
 from runner.config import setting
 from runner.errors import UserError
 
-# Accelerate's optimizer wrapper asks importlib whether the optional lomo_optim package exists twice on
-# every step: as long as a whole step of a small model. The answer cannot change during a run.
-accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+# Below this much work per micro-step (forward + backward), extra threads only add synchronisation, and
+# their spin-waiting collapses throughput (measured 16x) as soon as another process shares the cores.
+SMALL_STEP_FLOPS = 100e6
+
 
 @dataclass
 class DistConfig:
-    timeout_s: int = setting(300, min=1)   # a collective waiting longer than this fails instead of hanging
-    threads: int = setting(0, min=0)       # CPU threads per process; 0: the host's cores / local processes
-    cudnn_benchmark: bool = True           # let cuDNN pick the fastest convolution kernels (GPU; fixed shapes)
+    timeout_s: int = setting(300, min=1, max=7 * 24 * 3600)  # a collective waiting longer fails instead of hanging
+    threads: int = setting(0, min=0, max=1024)   # CPU threads per process; 0: chosen from the cores and the model
+    cudnn_benchmark: bool = True                 # let cuDNN pick the fastest convolution kernels (GPU; fixed shapes)
+    debug: bool = False                          # PyTorch's distributed debugging and the NCCL flight recorder
 
 
-def cpu_threads(requested: int) -> int:
-    """Split the cores between the processes on this host, so N processes do not oversubscribe N cores."""
+def cpu_threads(requested: int, step_flops: float | None = None) -> int:
+    """Split the cores between the processes on this host, so N processes do not oversubscribe N cores;
+    one thread for a model whose steps are too small to share."""
     if requested:
         return requested
+    if step_flops is not None and step_flops < SMALL_STEP_FLOPS:
+        return 1
     if os.environ.get("SLURM_CPUS_PER_TASK"):  # Slurm already bound this task to its own cores
         return int(os.environ["SLURM_CPUS_PER_TASK"])
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
                 or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local))
+
+
+def enable_debugging(run_dir: Path, log) -> None:
+    """Set before the process group starts: torch reads these once."""
+    dumps = run_dir / "flight_recorder"
+    dumps.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO")
+    os.environ.setdefault("NCCL_DEBUG", "INFO")
+    os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(dumps / "rank_"))
+    log(f"dist.debug: TORCH_DISTRIBUTED_DEBUG=DETAIL, NCCL_DEBUG=INFO; NCCL flight-recorder dumps on a "
+        f"collective timeout go to {dumps}/rank_<N>")
 
 
 def launched_world_size() -> int:
@@ -56,17 +71,34 @@ def check_launcher_precision(requested: str) -> None:
                         f"add train.mixed_precision={launcher} or launch without it")
 
 
-def make_accelerator(cfg: DistConfig, mixed_precision: str, accumulation: int, run_dir,
-                     trackers: list[str]) -> Accelerator:
+def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, trackers: list[str]):
+    import accelerate.optimizer
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+    # Accelerate's optimizer wrapper asks importlib whether the optional lomo_optim package exists twice on
+    # every step: as long as a whole step of a small model. The answer cannot change during a run.
+    if not hasattr(accelerate.optimizer.is_lomo_available, "cache_info"):
+        accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+    check_launcher_precision(mixed_precision)
+    if cfg.debug:
+        enable_debugging(run_dir, print if os.environ.get("RANK", "0") in ("", "0") else lambda _: None)
     torch.set_num_threads(cpu_threads(cfg.threads))
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision=fp16 needs a CUDA GPU and this host has none; "
+                        "use bf16 (autocast runs on CPU) or no")
     # Without a GPU, force the CPU: then `accelerate launch --multi_gpu` gives real gloo ranks instead of
     # N independent copies that each train on everything.
     cpu = not torch.cuda.is_available()
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
-        gradient_accumulation_steps=accumulation,
+        # Accumulation is driven by the loop (no_sync on all but the last micro-step of a window), so that
+        # Accelerate's own micro-step counter, restored from a checkpoint written at another world size,
+        # can never shift the windows.
+        gradient_accumulation_steps=1,
         # The loop steps the scheduler itself, once per optimizer step, whatever the world size.
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s)),
@@ -89,3 +121,18 @@ def check_world_fits(world: int, micro_batch: int, num_train: int, num_eval: int
                         f"samples per micro-step, but the training set holds only {num_train}")
     if world > num_eval:
         raise UserError(f"world size {world} is larger than the evaluation set ({num_eval} samples)")
+
+
+def communication_note(world: int, step_flops: float, parameters: int, device) -> str | None:
+    """A line for the header when the gradient all-reduce likely costs more than the compute it spreads
+    (CPU only, where the cost model is simple): suggest the faster process count."""
+    if device.type != "cpu":
+        return None
+    # Rough CPU figures on gloo: ~20 GFLOP/s per core of compute, ~1 GB/s and ~0.3 ms per all-reduce.
+    compute_s = step_flops / 20e9
+    allreduce_s = 3e-4 + 2 * 4 * parameters / 1e9
+    if world > 1 and allreduce_s > compute_s:
+        return (f"note: this model is communication-bound at {world} processes (a step computes for ~"
+                f"{1e3 * compute_s:.2f} ms and all-reduces {4 * parameters / 1e6:.2f} MB for ~{1e3 * allreduce_s:.2f} ms); "
+                f"1 process with the same global batch is likely faster")
+    return None

@@ -1,46 +1,62 @@
-"""Evaluate a checkpoint: the same exactly-reduced metrics as training, plus a confusion matrix.
+"""Evaluate a checkpoint: the same exactly-reduced metrics as training, plus a labelled confusion matrix.
 
-    python runner/evaluate.py --checkpoint runs/<name>/checkpoints/step_N [--split test] [section.key=value ...]
-    accelerate launch --multi_gpu --num_processes 2 runner/evaluate.py --checkpoint ...
+    python runner/evaluate.py --checkpoint runs/<name>/checkpoints/best [--split test] [section.key=value ...]
+    accelerate launch --multi_gpu --num_processes 2 runner/evaluate.py --checkpoint runs/<name>
 
-The config is the run's own config.yaml (next to its checkpoints), with any overrides applied on top
-(`data.root=...` for data that moved). Results go to stdout and to `<run>/eval-<checkpoint>-<split>.json`.
+--checkpoint takes a checkpoint directory, a `checkpoints/best` or `checkpoints/last` handle, or a run
+directory (its best checkpoint, else its last). The config is the run's own config.yaml, with any
+overrides applied on top (`data.root=...` for data that moved). Results go to stdout and to
+`<run>/eval-<checkpoint>-<split>.json`.
 """
+import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __package__ in (None, ""):  # run as a script: this repo's packages, and the user's modules in the cwd
+    sys.path[0:1] = [str(Path(__file__).resolve().parent.parent), os.getcwd()]
 
-import json
-import traceback
+import dataclasses  # noqa: E402
+import json  # noqa: E402
 
-from safetensors.torch import load_model
-
-from runner import config as configlib
-from runner.checkpoint import CheckpointError, read_manifest, verify
-from runner.data import TrainOrder, load_splits, make_batches
-from runner.distributed import check_launcher_precision, make_accelerator
-from runner.errors import EXIT_USER_ERROR, UserError
-from runner.metrics import Evaluator
-from runner.model import build_model
-from runner.rundir import check_fingerprint, fingerprint
-from runner.train import Config, evaluate
-
-FLAGS = {"--checkpoint": "value", "--split": "value", "--debug": "switch"}
+from runner import config as configlib  # noqa: E402
+from runner.checkpoint import CheckpointError, find, read_manifest, run_dir_of  # noqa: E402
+from runner.cli import Command  # noqa: E402
+from runner.errors import UserError  # noqa: E402
+from runner.plan import Config, Plan  # noqa: E402
+from runner.rundir import check_fingerprint, fingerprint  # noqa: E402
 
 
-def run(checkpoint: Path, split_name: str, overrides: list) -> int:
-    verify(checkpoint)
-    config_file = checkpoint.parent.parent / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file} is missing: cannot tell which model and data {checkpoint} holds")
-    cfg = configlib.load(Config, str(config_file), overrides)
-    check_fingerprint(read_manifest(checkpoint)["fingerprint"], fingerprint(configlib.to_dict(cfg)), checkpoint)
-    check_launcher_precision(cfg.train.mixed_precision)
-    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, 1, checkpoint.parent.parent, [])
+def evaluate(options: dict, overrides: list) -> int:
+    if "--checkpoint" not in options:
+        raise UserError("--checkpoint PATH is required (a checkpoint, checkpoints/best|last, or a run directory)")
+    checkpoint = find(options["--checkpoint"])
+    run_dir = run_dir_of(checkpoint)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir / 'config.yaml'} is missing: cannot tell which model and data "
+                              f"{checkpoint} holds")
+    cfg = configlib.load(Config, str(run_dir / "config.yaml"), overrides)
+    check_fingerprint(read_manifest(checkpoint)["fingerprint"], fingerprint(cfg), checkpoint)
+    from runner.distributed import make_accelerator
+
+    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, [])
+    results, class_names, split_name = evaluate_checkpoint(cfg, acc, checkpoint, options.get("--split", "test"))
+    if acc.is_main_process:
+        report(checkpoint, run_dir, split_name, acc.num_processes, results, class_names)
+    acc.end_training()
+    return 0
+
+
+def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
+    from safetensors.torch import load_model
+
+    from runner.batches import make_batches
+    from runner.data import load_splits
+    from runner.metrics import Evaluator, evaluate_split, per_class
+    from runner.model import build_model
+    from runner.order import TrainOrder
+
     splits = load_splits(cfg.data, cfg.train.seed)
-    split = {"test": splits.test, "eval": splits.eval, splits.eval_split: splits.eval}.get(split_name)
+    split = {"test": splits.test, splits.eval_split: splits.eval}.get(split_name)
     if split is None:
         raise UserError(f"--split {split_name}: this run has the splits test and {splits.eval_split}")
     model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
@@ -49,40 +65,38 @@ def run(checkpoint: Path, split_name: str, overrides: list) -> int:
     except Exception as e:
         raise CheckpointError(f"cannot load {checkpoint / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
     model = acc.prepare(model)
-    order = TrainOrder(len(splits.train), cfg.train.seed, cfg.train.global_batch_size or cfg.train.micro_batch_size,
-                       cfg.train.micro_batch_size, 1, 0)
+    # The whole split, whatever debug limits the run had.
+    plan = dataclasses.replace(Plan.resolve(cfg, acc.num_processes), eval_batch_limit=0)
+    order = TrainOrder(len(splits.train), cfg.train.seed, plan.global_batch, plan.micro_batch, plan.world,
+                       acc.process_index)
     batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, False, cfg.model.channels_last)
-    cfg.train.fast_dev_run = cfg.train.limit_eval_batches = 0  # evaluate the whole split
-    results = evaluate(Evaluator(splits.num_classes, acc.device, confusion=True), model, batches, split, acc, cfg)
-    if acc.is_main_process:
-        matrix = results.pop("confusion_matrix")
-        print(f"{checkpoint} on {split_name} ({results['samples']} samples, {acc.num_processes} processes)")
-        for key in ("accuracy", "top5_accuracy", "precision", "recall", "f1", "loss"):
-            print(f"  {key:<14} {results[key]:.6f}")
-        print("confusion matrix (rows: true class, columns: predicted)")
-        for i, row in enumerate(matrix):
-            print(f"  {i:>3} " + " ".join(f"{int(v):>5}" for v in row))
-        out = checkpoint.parent.parent / f"eval-{checkpoint.name}-{split_name}.json"
-        out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split_name,
-                                   "world_size": acc.num_processes, "metrics": results,
-                                   "confusion_matrix": matrix}, indent=1))
-        print(f"wrote {out}")
-    acc.end_training()
-    return 0
+    evaluator = Evaluator(splits.num_classes, acc.device, confusion=True)
+    results = evaluate_split(evaluator, model, batches, split, plan, acc)
+    results["per_class"] = per_class(results, splits.class_names)
+    return results, splits.class_names, split_name
+
+
+def report(checkpoint: Path, run_dir: Path, split_name: str, world: int, results: dict, names: list[str]) -> None:
+    matrix = results.pop("confusion_matrix")
+    print(f"{checkpoint} on {split_name} ({results['samples']} samples, {world} processes)")
+    for key in ("accuracy", "top5_accuracy", "precision", "recall", "f1", "loss"):
+        print(f"  {key:<14} {results[key]:.6f}")
+    width = max(5, *(len(n) for n in names)) + 1
+    print("confusion matrix (rows: true class, columns: predicted)")
+    print(" " * (width + 2) + "".join(f"{n[:width - 1]:>{width}}" for n in names))
+    for name, row in zip(names, matrix):
+        print(f"  {name[:width - 1]:>{width}}" + "".join(f"{int(v):>{width}}" for v in row))
+    out = run_dir / f"eval-{checkpoint.name}-{split_name}.json"
+    out.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split_name, "world_size": world,
+                               "metrics": results, "class_names": names, "confusion_matrix": matrix}, indent=1))
+    print(f"wrote {out}")
+
+
+COMMAND = Command(__doc__, {"--checkpoint": "value", "--split": "value"}, evaluate)
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        options, overrides = configlib.parse_command_line(argv, FLAGS)
-        if "--checkpoint" not in options:
-            raise UserError("--checkpoint PATH is required (a runs/<name>/checkpoints/step_N directory)")
-        return run(Path(options["--checkpoint"]), options.get("--split", "test"), overrides)
-    except UserError as e:
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

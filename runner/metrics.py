@@ -8,12 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
-                                         MulticlassPrecision, MulticlassRecall)
-
 from runner.config import setting
 
 MONITORABLE = ["accuracy", "loss", "top5_accuracy", "precision", "recall", "f1"]
@@ -32,14 +26,15 @@ class EvalConfig:
     def mode(self) -> str:
         return "min" if self.monitor == "loss" else "max"
 
-    def improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        return value < best - self.min_delta if self.mode == "min" else value > best + self.min_delta
-
 
 class Evaluator:
     def __init__(self, num_classes: int, device, confusion: bool = False):
+        # Imported here: torchmetrics pulls in scipy and torch._dynamo, seconds that --help should not pay.
+        import torch
+        from torchmetrics import MeanMetric, MetricCollection, SumMetric
+        from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix,
+                                                 MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
         top_k = min(5, num_classes)
         metrics = {
             "accuracy": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
@@ -47,6 +42,8 @@ class Evaluator:
             "precision": MulticlassPrecision(num_classes, average="macro"),
             "recall": MulticlassRecall(num_classes, average="macro"),
             "f1": MulticlassF1Score(num_classes, average="macro"),
+            "per_class_recall": MulticlassRecall(num_classes, average=None),
+            "per_class_precision": MulticlassPrecision(num_classes, average=None),
         }
         if confusion:
             metrics["confusion_matrix"] = MulticlassConfusionMatrix(num_classes)
@@ -56,24 +53,44 @@ class Evaluator:
         self.loss = MeanMetric().to(device).set_dtype(torch.float64)
         self.count = SumMetric().to(device).set_dtype(torch.float64)
 
-    @torch.no_grad()
     def run(self, model, batches, autocast) -> dict:
         """`model` must be the unwrapped module: a DDP forward could issue collectives, and shards differ
         in length. Every rank must call this, since compute() sums the states across ranks."""
+        import torch
+        import torch.nn.functional as F
+
         was_training = model.training
         model.eval()
-        self.metrics.reset()
-        self.loss.reset()
-        self.count.reset()
-        for x, y in batches:
-            with autocast():
-                logits = model(x)
-            logits = logits.float()
-            self.loss.update(F.cross_entropy(logits, y, reduction="none"))
-            self.metrics.update(logits, y)
-            self.count.update(len(y))
+        for metric in (self.metrics, self.loss, self.count):
+            metric.reset()
+        with torch.no_grad():
+            for x, y in batches:
+                with autocast():
+                    logits = model(x)
+                logits = logits.float()
+                self.loss.update(F.cross_entropy(logits, y, reduction="none"))
+                self.metrics.update(logits, y)
+                self.count.update(len(y))
         results = {k: v.tolist() if v.ndim else float(v) for k, v in self.metrics.compute().items()}
         results["loss"] = float(self.loss.compute())
         results["samples"] = int(self.count.compute())
         model.train(was_training)
         return results
+
+
+def evaluate_split(evaluator: Evaluator, model, batches, split, plan, acc) -> dict:
+    """This rank's disjoint shard of `split` (the plan limits it in debug modes); metrics come back reduced."""
+    import torch
+
+    from runner.order import shard_range
+
+    shard = shard_range(plan.eval_samples(len(split)), acc.num_processes, acc.process_index)
+    index = torch.arange(shard.start, shard.stop)
+    return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, plan.eval_batch), acc.autocast)
+
+
+def per_class(results: dict, class_names: list[str]) -> dict:
+    """Move the per-class lists out of `results` into {class name: {recall, precision}} (per-class
+    accuracy is the per-class recall)."""
+    recall, precision = results.pop("per_class_recall"), results.pop("per_class_precision")
+    return {name: {"recall": r, "precision": p} for name, r, p in zip(class_names, recall, precision)}

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-import models
 from runner.config import ConfigError, setting
 from runner.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+BUILT_IN = ["linear", "simple_cnn", "resnet9"]  # models.REGISTRY, named here so a config check needs no torch
 
 
 @dataclass
@@ -21,15 +23,18 @@ class ModelConfig:
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
 
     def validate(self):
-        if self.sync_batchnorm and not torch.cuda.is_available():
-            raise ConfigError("model.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
-        try:
-            models.resolve(self.name)
-        except models.ModelNameError as e:
-            raise ConfigError(str(e)) from None
+        if ":" not in self.name and self.name not in BUILT_IN:
+            raise ConfigError(f"model.name={self.name!r} is not a known model ({', '.join(BUILT_IN)}) "
+                              "nor a user model written as package.module:Class")
 
 
 def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int, data_name: str) -> nn.Module:
+    import torch
+
+    import models
+
+    if cfg.sync_batchnorm and not torch.cuda.is_available():
+        raise UserError("model.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
     try:
         model = models.create(cfg.name, cfg.kwargs, in_shape, num_classes)
     except models.ModelNameError as e:
@@ -42,6 +47,8 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
 
 def check_fits(model: nn.Module, name: str, in_shape, num_classes: int, data_name: str) -> None:
     """One forward pass on a dummy batch, so a mismatch is one line now rather than a traceback later."""
+    import torch
+
     shape = "x".join(map(str, in_shape))
     probe = copy.deepcopy(model).eval()
     try:
@@ -62,6 +69,7 @@ def parameter_count(model: nn.Module) -> int:
 
 def flops_per_sample(model: nn.Module, in_shape) -> float:
     """Forward + backward FLOPs for one sample, counted by torch's FlopCounterMode on a batch of 2."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     probe = copy.deepcopy(model).float().train()

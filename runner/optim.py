@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from runner.config import ConfigError, setting
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 NAMES = ["sgd", "adam", "adamw", "rmsprop"]
 
@@ -40,6 +42,8 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    import torch
+
     groups = param_groups(model, cfg)
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "sgd":

@@ -49,8 +49,8 @@ def signal_name() -> str:
     return signal.Signals(received).name if received else "a signal on another rank"
 
 
-def slurm_job_to_requeue() -> str | None:
-    """The id that `scontrol requeue` needs: the array job's `<array>_<task>` for array jobs."""
+def slurm_job_id() -> str | None:
+    """This job's id as `scontrol requeue` needs it: `<array>_<task>` for array jobs."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array and task:
         return f"{array}_{task}"
@@ -59,7 +59,7 @@ def slurm_job_to_requeue() -> str | None:
 
 def requeue_slurm_job(log=print) -> bool:
     """Ask Slurm to requeue this job (argument list, never a shell string). True if it was asked."""
-    job = slurm_job_to_requeue()
+    job = slurm_job_id()
     if not job:
         return False
     scontrol = shutil.which("scontrol")

@@ -1,26 +1,39 @@
-"""The run directory `runs/<run.name>/`: its stable name, the resume policy and the config fingerprint."""
+"""The run directory `runs/<name>/`: its name, its lock, the resume policy and the config fingerprint.
+
+A run directory belongs to one experiment (one fingerprint). Without an explicit `run.name`, a changed
+training config gets the next free name (`digits-2`, ...) rather than an error; with one, it is refused.
+While a run writes to its directory it holds `run.lock`, so that a second launch cannot interleave with it.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import ConfigError, flatten
-from runner.errors import UserError
+import yaml
 
-# Keys whose change would make a resumed run differ from the run that wrote the checkpoint.
-FINGERPRINT_KEYS = ("data.name", "data.val_fraction", "data.crop_padding", "data.flip", "data.synthetic_size",
-                    "data.synthetic_shape", "data.synthetic_classes", "model.name", "model.kwargs",
-                    "train.global_batch_size", "train.seed", "train.label_smoothing", "train.grad_clip",
-                    "train.mixed_precision", "train.overfit_batches", "train.limit_train_batches")
-FINGERPRINT_PREFIXES = ("optim.", "schedule.")
+from runner.config import ConfigError, fingerprint_keys, flatten, setting
+from runner.errors import UserError
+from runner.preemption import slurm_job_id
+
+LOCK = "run.lock"
+FINISHED = ("completed", "early_stopping", "max_steps")
+
+
+class FingerprintError(UserError):
+    pass
 
 
 @dataclass
 class RunConfig:
-    name: str = ""           # default: the config's name, plus the Slurm job id under Slurm
+    name: str = ""           # default: the config's name (-2, -3, ... when its training keys changed), plus
+                             # the Slurm job id under Slurm
     root: str = "runs"
     overwrite: bool = False  # with resume=none: delete the checkpoints already in the run directory
     requeue: bool = True     # under Slurm: requeue the job after a preemption checkpoint
@@ -30,27 +43,62 @@ class RunConfig:
             raise ConfigError(f"run.name={self.name!r}: use letters, digits, '.', '_' and '-' only")
 
 
-def default_run_name(config_label: str) -> str:
-    """Stable across Slurm requeues and torchrun restarts, so a restarted job finds its checkpoints."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{config_label}-{array}_{task}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"{config_label}-{os.environ['SLURM_JOB_ID']}"
-    return config_label
+def fingerprint(cfg) -> dict:
+    """The values of the keys declared `fingerprint=True`: what makes two runs the same experiment."""
+    keys = set(fingerprint_keys(type(cfg)))
+    return {k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if k in keys}
 
 
-def fingerprint(config_dict: dict) -> dict:
-    flat = flatten(config_dict)
-    return {k: v for k, v in flat.items() if k in FINGERPRINT_KEYS or k.startswith(FINGERPRINT_PREFIXES)}
+def stored_fingerprint(run_dir: Path, keys) -> dict | None:
+    """The fingerprint of the config a run directory was written with (None: no config there)."""
+    try:
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    flat = flatten(raw) if isinstance(raw, dict) else {}
+    return {k: flat.get(k) for k in keys}
 
 
-def check_fingerprint(saved: dict, current: dict, checkpoint: Path) -> None:
+def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
     differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if differing:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in differing)
-        raise UserError(f"checkpoint {checkpoint} was written with a different config ({detail}); "
-                        f"use another run.name, or resume=none run.overwrite=true to start over")
+        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:8])
+        raise FingerprintError(f"{where} was written with a different config ({detail}); use another run.name "
+                               f"(or none, to get a fresh one), or resume=none run.overwrite=true to start over")
+
+
+def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[Path, str | None]:
+    """(run directory, a line to print or None). An explicit run.name is used as is; the default name
+    moves on to `<name>-2`, `-3`, ... past directories that hold another experiment."""
+    root = Path(cfg.root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run.root={cfg.root} is a file, not a directory")
+    if cfg.name:
+        return root / cfg.name, None
+    job = slurm_job_id()
+    base = f"{config_label}-{job}" if job else config_label  # stable across requeues and restarts
+    for n in range(1, 10_000):
+        run_dir = root / (base if n == 1 else f"{base}-{n}")
+        saved = stored_fingerprint(run_dir, current)
+        if saved is None or saved == current:
+            note = None if n == 1 else (f"{root / base} holds a run with other training keys; this run is "
+                                        f"{run_dir.name} (set run.name to choose)")
+            return run_dir, note
+    raise UserError(f"{root} holds 10,000 runs named {base}-N; set run.name")
+
+
+def finished_summary(run_dir: Path, cfg) -> dict | None:
+    """The stored summary of a run that already finished with this config's length (epochs, max_steps),
+    or None. Running it again must change nothing."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    same_length = (saved.get("epochs"), saved.get("max_steps")) == (cfg.train.epochs, cfg.train.max_steps)
+    if isinstance(summary, dict) and summary.get("stopped") in FINISHED and same_length:
+        return summary
+    return None
 
 
 def prepare_run_dir(run_dir: Path, resume: str, overwrite: bool, has_checkpoints: bool) -> None:
@@ -63,3 +111,66 @@ def prepare_run_dir(run_dir: Path, resume: str, overwrite: bool, has_checkpoints
         for stale in ("metrics.jsonl", "summary.json"):
             (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class RunLock:
+    """`run.lock` in the run directory, taken by the main process of a launch with O_EXCL (atomic on a
+    shared filesystem too). A lock whose holder is gone is taken over: a dead process on this host, or an
+    earlier run of the same Slurm job (a requeue, possibly on another node)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.held = False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": slurm_job_id(),
+                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def holder_is_gone(self, holder: dict) -> bool:
+        if holder.get("slurm_job") and holder.get("slurm_job") == self.me["slurm_job"]:
+            return True
+        if holder.get("host") != self.me["host"]:
+            return False
+        pid = holder.get("pid")
+        if not isinstance(pid, int) or pid == self.me["pid"]:
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+                if not isinstance(holder, dict) or not holder:  # being written right now, or cut short
+                    holder = {} if self.age() > 10 else {"pid": "?", "host": "?", "since": "just now"}
+                if holder and not self.holder_is_gone(holder):
+                    raise UserError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
+                                    f"{holder.get('host')} (since {holder.get('since')}); wait for it, stop it, "
+                                    f"or use another run.name") from None
+                self.path.unlink(missing_ok=True)  # a dead holder's lock (or one cut short): take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            self.held = True
+            return
+        raise UserError(f"cannot take the lock {self.path}: another process keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

@@ -37,6 +37,7 @@ class Throughput:
         self.total = {"samples": 0, "steps": 0, "seconds": 0.0, "data_seconds": 0.0}
         self.window = dict(self.total)
         self.running_since: float | None = None
+        self.first_step_at: float | None = None
 
     def sync(self):
         if self.device.type == "cuda":
@@ -59,6 +60,8 @@ class Throughput:
         self.window["data_seconds"] += seconds
 
     def add_step(self, samples_per_rank: int):
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
         for counts in (self.total, self.window):
             counts["samples"] += samples_per_rank
             counts["steps"] += 1
@@ -84,6 +87,10 @@ class Throughput:
         self.window = {k: 0 if isinstance(v, int) else 0.0 for k, v in self.window.items()}
         self.start()
         return report
+
+    def startup_seconds(self, process_started: float) -> float:
+        """From the command's start to the end of the first optimizer step."""
+        return (self.first_step_at or time.time()) - process_started
 
     def summary(self) -> dict:
         self.pause()

@@ -12,13 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import ConfigError, setting
-
-
-def known_trackers() -> list[str]:
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    return sorted(LOGGER_TYPE_TO_CLASS)
+from runner.config import ConfigError, flatten, setting
 
 
 @dataclass
@@ -29,11 +23,15 @@ class LogConfig:
     plot: bool = True                                    # draw curves.png at the end
     peak_tflops: float = setting(0.0, min=0.0)           # per-device peak for MFU (0: known GPUs only)
 
-    def validate(self):
-        unknown = [t for t in self.trackers if t not in known_trackers()]
-        if unknown:
-            raise ConfigError(f"log.trackers: unknown tracker {unknown[0]!r}; Accelerate supports "
-                              f"{', '.join(known_trackers())}")
+
+def check_trackers(names: list[str]) -> None:
+    """Against Accelerate's own list (imported only when a run starts: it pulls in torch)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    unknown = [t for t in names if t not in LOGGER_TYPE_TO_CLASS]
+    if unknown:
+        raise ConfigError(f"log.trackers: unknown tracker {unknown[0]!r}; Accelerate supports "
+                          f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
 
 
 def format_eta(seconds: float) -> str:
@@ -42,8 +40,12 @@ def format_eta(seconds: float) -> str:
 
 
 class RunLog:
-    def __init__(self, accelerator, run_dir: Path | None, cfg: LogConfig, total_steps: int):
-        self.acc, self.run_dir, self.cfg, self.total_steps = accelerator, run_dir, cfg, total_steps
+    """`time` in metrics.jsonl counts wall seconds since the run first started, across resumed segments
+    (`time_offset` is what the earlier segments took)."""
+
+    def __init__(self, accelerator, metrics_file: Path | None, cfg: LogConfig, total_steps: int,
+                 time_offset: float = 0.0):
+        self.acc, self.total_steps = accelerator, total_steps
         self.main = accelerator.is_main_process
         self.bar = None
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
@@ -52,8 +54,14 @@ class RunLog:
             # A terminal that reports a 0x0 size (a fresh pty) would hide the bar: fall back to 100x20.
             size = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(total=total_steps, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stdout)
-        self.metrics_file = run_dir / "metrics.jsonl" if run_dir else None
-        self.started = time.time()
+        self.metrics_file = metrics_file
+        self.started = time.time() - time_offset
+        self.tracker_config: tuple[str, dict] | None = None
+
+    def start_trackers(self, run_name: str, config: dict) -> None:
+        """Trackers start with the first record: their imports and writers stay out of the start-up time."""
+        flat = {k: str(v) if isinstance(v, (list, dict)) or v is None else v for k, v in flatten(config).items()}
+        self.tracker_config = (run_name, flat)
 
     def info(self, message: str) -> None:
         if not self.main:
@@ -84,11 +92,16 @@ class RunLog:
         if self.metrics_file:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tracker_config is not None:
+            self.acc.init_trackers(*self.tracker_config)
+            self.tracker_config = None
         scalars = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         for group in ("throughput",):
             scalars.update({f"{group}/{k}": v for k, v in (extra.get(group) or {}).items()})
         if "lr" in extra:
             scalars["train/lr"] = extra["lr"]
+        for name, by_class in (metrics.get("per_class") or {}).items():
+            scalars[f"{split}/recall/{name}"] = by_class["recall"]
         if self.acc.trackers:
             self.acc.log(scalars, step=step)
 
@@ -114,21 +127,30 @@ class RunLog:
 
 
 def summary_table(summary: dict) -> str:
+    times = summary
     lines = ["", "=" * 64, f"run {summary['run']}: {summary['stopped']} after {summary['steps']} steps "
-             f"({summary['epochs_completed']} epochs) in {summary['wall_seconds']:.1f} s"]
+             f"({summary['epochs_completed']} epochs) in {times['wall_seconds']:.1f} s"
+             + (f" ({times['segment_wall_seconds']:.1f} s in this segment)" if times["segments"] > 1 else "")]
     for split, metrics in summary["final"].items():
         lines.append(f"  {split:<5} accuracy {100 * metrics['accuracy']:6.2f}%   top5 "
                      f"{100 * metrics['top5_accuracy']:6.2f}%   f1 {metrics['f1']:.4f}   loss {metrics['loss']:.4f}"
                      f"   ({metrics['samples']} samples)")
     best = summary.get("best")
     if best and best.get("value") is not None:
-        lines.append(f"  best  {best['metric']} {best['value']:.4f} at step {best['step']}"
+        lines.append(f"  best  {best['split']} {best['metric']} {best['value']:.4f} at step {best['step']}"
                      + (f" ({best['checkpoint']})" if best.get("checkpoint") else ""))
     t = summary["throughput"]
     lines.append(f"  speed {t['img_per_s']:,.0f} img/s ({t['img_per_s_per_device']:,.0f} per device), "
                  f"step {t['step_time_ms']:.1f} ms, data wait {100 * t['data_wait_fraction']:.0f}%, "
-                 f"peak memory {t['peak_memory_mb']:,.0f} MB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+                 f"peak memory {t['peak_memory_mb']:,.0f} MB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
+                 + f"; start-up {times['startup_seconds']:.1f} s")
     if summary.get("skipped_steps"):
         lines.append(f"  fp16  {summary['skipped_steps']} optimizer steps skipped by the GradScaler (overflow)")
     lines.append("=" * 64)
     return "\n".join(lines)
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(run_dir / "summary.json")

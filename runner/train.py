@@ -4,362 +4,250 @@
     accelerate launch --multi_gpu --num_processes 2 runner/train.py --config cifar10
     torchrun --nproc_per_node 2 runner/train.py --config mnist
 
-The stages below run in order: config, processes, data, model, resume, the loop, the final evaluation.
+Flags: --config PRESET|FILE (default digits), --print-config, --debug (tracebacks), --help.
+The stages of a run, in order: plan, run directory, processes, data, model and optimisation, resume,
+announce, the loop, the preemption exit, the final evaluation and the summary.
 """
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __package__ in (None, ""):  # run as a script: this repo's packages, and the user's modules in the cwd
+    sys.path[0:1] = [str(Path(__file__).resolve().parent.parent), os.getcwd()]
 
-from runner import preemption  # noqa: E402  (standard library only)
-
-preemption.install()  # before torch is imported: a SIGUSR1 during the slow startup is kept, not fatal
-
-import errno
-import math
-import os
-import time
-import traceback
-from dataclasses import dataclass, field
-
-import torch
-import torch.nn.functional as F
-
-from runner import config as configlib
-from runner.checkpoint import CheckpointConfig, Checkpointer, RunState, read_manifest
-from runner.config import ConfigError, setting
-from runner.data import DataConfig, TrainOrder, load_splits, make_batches, shard_range
-from runner.distributed import (DistConfig, check_launcher_precision, check_world_fits, launched_world_size,
-                                make_accelerator)
-from runner.errors import EXIT_LOST_RANK, EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
-from runner.metrics import EvalConfig, Evaluator
-from runner.model import ModelConfig, build_model, flops_per_sample, parameter_count
-from runner.optim import OptimConfig, build_optimizer, l1_penalty
-from runner.rundir import RunConfig, check_fingerprint, default_run_name, fingerprint, prepare_run_dir
-from runner.schedule import ScheduleConfig, build_scheduler
-from runner.throughput import Throughput, device_peak_flops
-from runner.tracking import LogConfig, RunLog, summary_table
+from runner import config as configlib  # noqa: E402  (none of these import torch)
+from runner import preemption  # noqa: E402
+from runner.cli import Command  # noqa: E402
+from runner.errors import EXIT_PREEMPTED  # noqa: E402
+from runner.plan import Config, Plan  # noqa: E402
+from runner.rundir import RunLock, finished_summary, fingerprint, prepare_run_dir, resolve_run_dir  # noqa: E402
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = setting(10, min=1)
-    max_steps: int = setting(0, min=0)                      # stop after N optimizer steps (0: epochs decide)
-    micro_batch_size: int = setting(32, min=1)              # per device, per forward pass
-    global_batch_size: int = setting(0, min=0)              # samples per optimizer step (0: micro x world)
-    gradient_accumulation_steps: int = setting(0, min=0)    # 0: global / (micro x world)
-    mixed_precision: str = setting("no", choices=["no", "bf16", "fp16"])
-    seed: int = setting(0, min=0)
-    grad_clip: float = setting(0.0, min=0.0)                # max gradient norm (0: off)
-    label_smoothing: float = setting(0.0, min=0.0, max=0.99)
-    fast_dev_run: int = setting(0, min=0)                   # N steps and N eval batches, nothing saved
-    overfit_batches: int = setting(0, min=0)                # train and evaluate on N global batches only
-    limit_train_batches: int = setting(0, min=0)            # at most N optimizer steps per epoch
-    limit_eval_batches: int = setting(0, min=0)             # at most N x eval.batch_size eval samples
+def train(cfg: Config, config_label: str, started: float) -> int:
+    from runner.distributed import launched_world_size
 
-    def validate(self):
-        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("train.mixed_precision=fp16 needs a CUDA GPU and this host has none; "
-                              "use bf16 (autocast runs on CPU) or no")
+    plan = Plan.resolve(cfg, launched_world_size())
+    run_dir, note = resolve_run_dir(cfg.run, config_label, fingerprint(cfg))
+    finished = finished_summary(run_dir, cfg) if plan.writes and cfg.resume == "auto" else None
+    if finished is not None:  # running a finished run again changes nothing
+        return print_finished(run_dir, finished)
+    lock = RunLock(run_dir)
+    if plan.writes and int(os.environ.get("RANK", "0") or 0) == 0:
+        lock.acquire()  # before anything is written: a second launch on this directory stops here
+    try:
+        return train_locked(cfg, plan, run_dir, note, started)
+    finally:
+        lock.release()
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
-    resume: str = "auto"  # auto: newest complete checkpoint of this run; none: start fresh; or a path
+def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, started: float) -> int:
+    import torch
 
+    from runner.checkpoint import Checkpointer
+    from runner.distributed import make_accelerator
+    from runner.tracking import RunLog, check_trackers
 
-FLAGS = {"--config": "value", "--print-config": "switch", "--debug": "switch", "--help": "switch", "-h": "switch"}
-
-
-def batch_sizes(cfg: TrainConfig, world: int) -> tuple[int, int]:
-    """(global batch, accumulation steps) from the user's knobs, or one line naming the valid choices."""
-    micro, per_micro = cfg.micro_batch_size, cfg.micro_batch_size * world
-    if not cfg.global_batch_size:
-        accumulation = cfg.gradient_accumulation_steps or 1
-        return per_micro * accumulation, accumulation
-    if cfg.global_batch_size % per_micro:
-        lower = cfg.global_batch_size // per_micro * per_micro
-        options = " or ".join(str(g) for g in (lower, lower + per_micro) if g)
-        micros = [m for m in range(1, cfg.global_batch_size // world + 1)
-                  if cfg.global_batch_size % (m * world) == 0]
-        raise ConfigError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={micro} x world size {world} = {per_micro}; nearest valid "
-                          f"global batch: {options}; micro batches that divide it: {micros[-4:]}")
-    accumulation = cfg.global_batch_size // per_micro
-    if cfg.gradient_accumulation_steps and cfg.gradient_accumulation_steps != accumulation:
-        raise ConfigError(f"train.gradient_accumulation_steps={cfg.gradient_accumulation_steps} contradicts "
-                          f"global {cfg.global_batch_size} / (micro {micro} x world {world}) = {accumulation}")
-    return cfg.global_batch_size, accumulation
-
-
-def evaluate(evaluator, model, batches, split, acc, cfg) -> dict:
-    """This rank's disjoint shard of `split` (limited in debug modes); metrics come back reduced."""
-    limit = cfg.train.fast_dev_run or cfg.train.limit_eval_batches
-    n = min(len(split), limit * cfg.eval.batch_size) if limit else len(split)
-    shard = shard_range(n, acc.num_processes, acc.process_index)
-    index = torch.arange(shard.start, shard.stop)
-    return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, cfg.eval.batch_size),
-                         acc.autocast)
-
-
-def run(cfg: Config, config_label: str) -> int:
-    started = time.time()
-    # ---- processes ------------------------------------------------------------------------------------------
-    world = launched_world_size()
-    check_launcher_precision(cfg.train.mixed_precision)
-    global_batch, accumulation = batch_sizes(cfg.train, world)
-    cfg.train.global_batch_size = global_batch
-    dev_run = cfg.train.fast_dev_run
-    run_name = cfg.run.name or default_run_name(config_label)
-    run_dir = Path(cfg.run.root) / run_name
-    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, accumulation, run_dir,
-                           [] if dev_run else cfg.log.trackers)
+    check_trackers(cfg.log.trackers)
+    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, cfg.log.trackers if plan.writes else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
-
-    # ---- data -----------------------------------------------------------------------------------------------
-    with acc.main_process_first():  # a download, if any, happens once
-        splits = load_splits(cfg.data, cfg.train.seed)
-    augment = bool(cfg.data.crop_padding or cfg.data.flip)
-    if cfg.train.overfit_batches:
-        splits, augment = splits.overfit(cfg.train.overfit_batches * global_batch), False
-    train_set, eval_set, eval_split = splits.train, splits.eval, splits.eval_split
-    check_world_fits(acc.num_processes, cfg.train.micro_batch_size, len(train_set), len(eval_set))
-    order = TrainOrder(len(train_set), cfg.train.seed, global_batch, cfg.train.micro_batch_size,
-                       acc.num_processes, acc.process_index, dev_run or cfg.train.limit_train_batches)
-    if order.steps_per_epoch == 0:
-        raise UserError(f"the training set ({len(train_set)} samples) is smaller than one global batch "
-                        f"({global_batch}); lower train.global_batch_size or train.micro_batch_size")
-    batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, augment, cfg.model.channels_last)
-    epochs = 1 if dev_run else cfg.train.epochs
-    total_steps = order.steps_per_epoch * epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
-
-    # ---- model, optimizer, schedule ---------------------------------------------------------------------
-    model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
-    flops = flops_per_sample(model, splits.in_shape)
-    if cfg.model.sync_batchnorm and acc.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total_steps, order.steps_per_epoch)
-    if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
-        model = torch.compile(model)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-
-    # ---- run directory and resume -------------------------------------------------------------------------
-    state = RunState()
-    state.fingerprint = fingerprint(configlib.to_dict(cfg))
-    acc.register_for_checkpointing(state)
-    log = RunLog(acc, None if dev_run else run_dir, cfg.log, total_steps)
-    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, log.info)
-    resume_from = None
-    if not dev_run:
-        if acc.is_main_process:
-            prepare_run_dir(run_dir, cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
-        acc.wait_for_everyone()
-        resume_from = checkpoints.choose(cfg.resume)
-    if resume_from is not None:
-        check_fingerprint(read_manifest(resume_from)["fingerprint"], state.fingerprint, resume_from)
-        checkpoints.load(resume_from)
+    splits, batches, plan = load_data(cfg, plan, acc)
+    model, optimizer, scheduler, flops = build_training(cfg, plan, splits, acc)
+    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, print if acc.is_main_process else lambda _: None)
+    state, resumed_from = resume(cfg, plan, acc, run_dir, checkpoints, splits)
+    log = RunLog(acc, run_dir / "metrics.jsonl" if plan.writes else None, cfg.log, plan.total_steps,
+                 time_offset=state.wall_seconds)
+    checkpoints.log = log.info
+    if resumed_from is not None:
         log.keep_history_until(state.global_step)
-        log.info(f"resumed from {resume_from} (epoch {state.epoch + 1}, step {state.global_step})")
-    if not dev_run and acc.is_main_process:
-        (run_dir / "config.yaml").write_text(configlib.dump(cfg))
-    if cfg.log.trackers and not dev_run:
-        acc.init_trackers(run_name, config={k: str(v) if isinstance(v, (list, dict)) or v is None else v
-                                            for k, v in configlib.flatten(configlib.to_dict(cfg)).items()})
-    log.info(f"run {run_dir} | world {acc.num_processes} x {acc.device.type} | precision "
-             f"{cfg.train.mixed_precision} | micro {cfg.train.micro_batch_size} x accumulation {accumulation} "
-             f"x world {acc.num_processes} = global {global_batch}\ndata {cfg.data.name} ({cfg.data.loader} "
-             f"path): train {len(train_set)}, {eval_split} {len(eval_set)}"
-             f"{f', test {len(splits.test)}' if eval_split != 'test' else ''} | model "
-             f"{cfg.model.name}: {parameter_count(model):,} parameters, {flops / 1e6:.2f} MFLOP/sample (fwd+bwd)"
-             f" | {total_steps} steps")
-
-    # ---- the loop -----------------------------------------------------------------------------------------
-    evaluator = Evaluator(splits.num_classes, acc.device)
-    speed = Throughput(acc.device, acc.num_processes, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
-    stopped, last_eval, last_eval_step, skipped_steps = None, {}, -1, 0
-    out_of_steps = lambda: bool(cfg.train.max_steps) and state.global_step >= cfg.train.max_steps  # noqa: E731
-    model.train()
-    speed.start()
-    while stopped is None and state.epoch < epochs and not state.early_stopped and not out_of_steps():
-        window_loss = None  # the sum of this accumulation window's micro-batch losses
-        data_started = time.perf_counter()
-        for x, y in batches.train_epoch(order, state.epoch, state.step_in_epoch):
-            speed.add_data_wait(time.perf_counter() - data_started)
-            with acc.accumulate(model):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
-                if cfg.optim.l1:
-                    loss = loss + cfg.optim.l1 * l1_penalty(model)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.train.grad_clip:
-                    acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                if acc.sync_gradients:  # as AcceleratedOptimizer.zero_grad, without its per-call inspect
-                    optimizer.optimizer.zero_grad(set_to_none=True)
-            window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
-            data_started = time.perf_counter()
-            if not acc.sync_gradients:
-                continue
-            # ---- an optimizer step is complete: one all-reduce makes every rank agree on the loss, on
-            # faults and on preemption, so all ranks take the same branches below
-            if optimizer.step_was_skipped:
-                skipped_steps += 1
-            else:
-                scheduler.step()
-            signalled = float(preemption.received is not None)
-            if acc.num_processes > 1:
-                totals = acc.reduce(torch.stack([window_loss, window_loss.new_tensor(signalled)])).tolist()
-            else:
-                totals = [window_loss.item(), signalled]
-            train_loss = totals[0] / accumulation / acc.num_processes
-            window_loss = None
-            state.step_in_epoch, state.global_step = state.step_in_epoch + 1, state.global_step + 1
-            speed.add_step(global_batch // acc.num_processes)
-            if not math.isfinite(train_loss):
-                last = (checkpoints.complete() or ["none"])[-1]
-                raise UserError(f"non-finite training loss at step {state.global_step} (epoch {state.epoch + 1});"
-                                f" stopped without saving; last good checkpoint: {last}")
-            lr = scheduler.get_last_lr()[0]
-            window = None
-            if state.global_step % cfg.log.every_steps == 0 or state.global_step == total_steps:
-                window = speed.take_window()
-                log.event(state.global_step, state.epoch, "train", {"loss": train_loss}, lr=lr, throughput=window)
-            log.progress(state.global_step, state.epoch, epochs, train_loss, lr, window)
-            epoch_done = state.step_in_epoch == order.steps_per_epoch
-            if epoch_done:
-                state.epoch, state.step_in_epoch = state.epoch + 1, 0
-            eval_due = ((cfg.eval.every_steps and state.global_step % cfg.eval.every_steps == 0)
-                        or (epoch_done and cfg.eval.every_epochs and state.epoch % cfg.eval.every_epochs == 0))
-            save_due = not dev_run and (
-                (cfg.checkpoint.every_steps and state.global_step % cfg.checkpoint.every_steps == 0)
-                or (epoch_done and cfg.checkpoint.every_epochs and state.epoch % cfg.checkpoint.every_epochs == 0))
-            if eval_due:
-                speed.pause()
-                last_eval, last_eval_step = evaluate(evaluator, model, batches, eval_set, acc, cfg), state.global_step
-                log.event(state.global_step, state.epoch, eval_split, last_eval)
-                log.info(f"{eval_split} step {state.global_step}: accuracy {last_eval['accuracy']:.4f} "
-                         f"loss {last_eval['loss']:.4f} f1 {last_eval['f1']:.4f}")
-                if cfg.eval.improved(last_eval[cfg.eval.monitor], state.best_metric):
-                    state.best_metric, state.best_step, state.evals_since_best = (
-                        last_eval[cfg.eval.monitor], state.global_step, 0)
-                    state.best_checkpoint = None if dev_run else f"step_{state.global_step:08d}"
-                    save_due = save_due or (cfg.checkpoint.keep_best and not dev_run)
-                else:
-                    state.evals_since_best += 1
-                state.early_stopped = bool(cfg.eval.patience) and state.evals_since_best >= cfg.eval.patience
-                speed.start()
-            done = state.early_stopped or out_of_steps() or state.epoch >= epochs
-            if totals[1] and not done:
-                stopped = "preempted"
-            if (save_due or done or stopped) and not dev_run:
-                speed.pause()
-                if not all(p.isfinite().all() for p in model.parameters()):
-                    raise UserError(f"non-finite weights after step {state.global_step}; stopped without saving")
-                checkpoints.save(state)
-                speed.start()
-            if done or stopped:
-                break
-    speed.pause()
-    stopped = stopped or ("early_stopping" if state.early_stopped else "max_steps" if out_of_steps() else "completed")
-
-    # ---- preempted: exit so the job can be requeued or restarted ----------------------------------------
-    if stopped == "preempted":
-        log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: checkpoint saved")
-        log.close()
-        if acc.is_main_process and cfg.run.requeue and preemption.should_requeue():
-            preemption.requeue_slurm_job(log.info)
-        acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
-        acc.end_training()
-        return EXIT_PREEMPTED
-
-    # ---- final evaluation and summary -------------------------------------------------------------------
-    if last_eval_step < 0 and resume_from is not None and speed.total["steps"] == 0:
-        log.info(f"{run_dir} had already finished ({stopped}); evaluating its last checkpoint")
-    final = {eval_split: last_eval if last_eval_step == state.global_step
-             else evaluate(evaluator, model, batches, eval_set, acc, cfg)}
-    if eval_split == "val":
-        final["test"] = evaluate(evaluator, model, batches, splits.test, acc, cfg)
-    for split, metrics in final.items():
-        log.event(state.global_step, state.epoch, f"final_{split}", metrics)
-    summary = {
-        "run": str(run_dir), "stopped": stopped, "steps": state.global_step, "epochs_completed": state.epoch,
-        "world_size": acc.num_processes, "final": final,
-        "best": {"metric": cfg.eval.monitor, "value": state.best_metric, "step": state.best_step,
-                 "checkpoint": state.best_checkpoint},
-        "wall_seconds": time.time() - started, "throughput": speed.summary(), "skipped_steps": skipped_steps,
-    }
-    log.close()
-    log.info(summary_table(summary))
-    if acc.is_main_process and not dev_run:
-        import json
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if cfg.log.plot:
-            from runner.plot import plot_run
-            plot_run(run_dir)
+        log.info(f"resumed from {resumed_from} (epoch {state.epoch + 1}, step {state.global_step})")
+    if plan.writes:
+        log.start_trackers(run_dir.name, configlib.to_dict(cfg))
+    announce(log, cfg, plan, acc, run_dir, note, splits, model, flops)
+    trainer = make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, checkpoints, log, state,
+                           flops, started)
+    outcome = trainer.run()
+    if outcome == "preempted":
+        return preempted_exit(cfg, plan, acc, log, state)
+    final = final_evaluation(trainer, splits)
+    write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome)
     acc.end_training()
     return 0
 
 
-def lost_another_rank(error: Exception) -> bool:
-    text = str(error)
-    return torch.distributed.is_initialized() and (
-        isinstance(error, torch.distributed.DistError)
-        or any(sign in text for sign in ("Connection closed by peer", "Connection reset", "Timed out", "timed out")))
+def load_data(cfg: Config, plan: Plan, acc):
+    """The splits (overfit mode trains and evaluates on a few batches, unaugmented) and the batch source."""
+    from runner.batches import make_batches
+    from runner.data import load_splits
+    from runner.distributed import check_world_fits
+    from runner.order import TrainOrder
+
+    with acc.main_process_first():  # a download or a cache build, if any, happens once
+        splits = load_splits(cfg.data, cfg.train.seed)
+    augment = bool(cfg.data.crop_padding or cfg.data.flip)
+    if plan.overfit_samples:
+        splits, augment = splits.overfit(plan.overfit_samples), False
+    check_world_fits(plan.world, plan.micro_batch, len(splits.train), len(splits.eval))
+    plan = plan.for_train_size(len(splits.train))
+    order = TrainOrder(len(splits.train), cfg.train.seed, plan.global_batch, plan.micro_batch, plan.world,
+                       acc.process_index, plan.steps_per_epoch)
+    batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, augment, cfg.model.channels_last)
+    return splits, batches, plan
 
 
-def rank_prefix() -> str:
-    """Errors from other ranks say whose they are; the main process speaks plainly."""
-    rank = int(os.environ.get("RANK", "0") or 0)
-    return f"[rank {rank}] " if rank else ""
+def build_training(cfg: Config, plan: Plan, splits, acc):
+    """Model (checked against the data), optimizer and schedule, prepared by Accelerate; FLOPs per sample."""
+    import torch
+
+    from runner.distributed import cpu_threads
+    from runner.model import build_model, flops_per_sample
+    from runner.optim import build_optimizer
+    from runner.schedule import build_scheduler
+
+    model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
+    flops = flops_per_sample(model, splits.in_shape)
+    torch.set_num_threads(cpu_threads(cfg.dist.threads, flops * plan.micro_batch))
+    if cfg.model.sync_batchnorm and plan.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.steps_per_epoch)
+    if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
+        model = torch.compile(model)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    return model, optimizer, scheduler, flops
+
+
+def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits):
+    """Enforce the resume policy, load the checkpoint to continue from (if any), and write config.yaml and
+    data.json. Returns (run state, checkpoint resumed from or None)."""
+    from runner.data import data_card
+    from runner.state import RunState
+
+    state = RunState(fingerprint=fingerprint(cfg))
+    if not plan.writes:
+        return state, None
+    if acc.is_main_process:
+        prepare_run_dir(run_dir, cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
+        checkpoints.remove_stale_temporaries()
+    acc.wait_for_everyone()
+    resumed = checkpoints.resume(cfg.resume, state.fingerprint)
+    acc.wait_for_everyone()  # every rank has read the checkpoint before any file is moved
+    if resumed is not None and acc.is_main_process:
+        checkpoints.branch_from(resumed[0])
+    if acc.is_main_process:
+        (run_dir / "config.yaml").write_text(configlib.dump(cfg))
+        (run_dir / "data.json").write_text(json.dumps(data_card(splits), indent=1))
+    if resumed is None:
+        return state, None
+    resumed[1].segments += 1
+    return resumed[1], resumed[0]
+
+
+def announce(log, cfg: Config, plan: Plan, acc, run_dir: Path, note: str | None, splits, model, flops) -> None:
+    from runner.distributed import communication_note
+    from runner.model import parameter_count
+
+    if note:
+        log.info(note)
+    test = f", test {len(splits.test)}" if splits.eval_split != "test" else ""
+    log.info(f"run {run_dir if plan.writes else '(fast_dev_run: nothing is written)'} | world {plan.world} x "
+             f"{acc.device.type} | precision {cfg.train.mixed_precision} | micro {plan.micro_batch} x accumulation "
+             f"{plan.accumulation} x world {plan.world} = global {plan.global_batch}\n"
+             f"data {cfg.data.name} ({cfg.data.loader} path): train {len(splits.train)}, {splits.eval_split} "
+             f"{len(splits.eval)}{test} | model {cfg.model.name}: {parameter_count(model):,} parameters, "
+             f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | {plan.total_steps} steps")
+    advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), acc.device)
+    if advice:
+        log.info(advice)
+
+
+def make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, checkpoints, log, state, flops,
+                 started: float):
+    from runner.loop import Trainer
+    from runner.metrics import Evaluator
+    from runner.throughput import Throughput, device_peak_flops
+
+    speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
+    return Trainer(plan, cfg, acc, model, optimizer, scheduler, batches, splits.eval, splits.eval_split,
+                   splits.class_names, Evaluator(splits.num_classes, acc.device), checkpoints, log, state, speed,
+                   segment_started=started)
+
+
+def preempted_exit(cfg: Config, plan: Plan, acc, log, state) -> int:
+    """Exit so the job can be requeued or restarted (exit 75)."""
+    saved = "checkpoint saved" if plan.writes else "nothing saved (fast_dev_run)"
+    log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: {saved}")
+    log.close()
+    if acc.is_main_process and plan.writes and cfg.run.requeue and preemption.should_requeue():
+        preemption.requeue_slurm_job(log.info)
+    acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
+    acc.end_training()
+    return EXIT_PREEMPTED
+
+
+def final_evaluation(trainer, splits) -> dict:
+    """The held-out split (reusing an evaluation of this very step), then test once, at the end."""
+    at_this_step = trainer.last_eval_step == trainer.state.global_step
+    final = {splits.eval_split: trainer.last_eval if at_this_step else trainer.evaluate(splits.eval)}
+    if splits.eval_split == "val":
+        final["test"] = trainer.evaluate(splits.test)
+    for split, metrics in final.items():
+        trainer.log.event(trainer.state.global_step, trainer.state.epoch, f"final_{split}", metrics)
+    return final
+
+
+def write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome) -> None:
+    from runner.tracking import summary_table, write_summary as write
+
+    state, speed = trainer.state, trainer.speed
+    train_seconds, wall_seconds = trainer.times()
+    summary = {
+        "run": str(run_dir), "stopped": outcome, "steps": state.global_step, "epochs_completed": state.epoch,
+        "world_size": plan.world, "global_batch_size": plan.global_batch, "final": final,
+        "best": {"split": trainer.eval_split, "metric": cfg.eval.monitor, "value": state.best_metric,
+                 "step": state.best_step, "checkpoint": state.best_checkpoint},
+        # Over all segments (a resumed run has several), and for this one.
+        "wall_seconds": wall_seconds, "train_seconds": train_seconds, "segments": state.segments,
+        "segment_wall_seconds": time.time() - trainer.segment_started, "segment_train_seconds": speed.total["seconds"],
+        "startup_seconds": speed.startup_seconds(trainer.segment_started),
+        "throughput": speed.summary(), "skipped_steps": trainer.skipped_steps,
+    }
+    log.close()
+    log.info(summary_table(summary))
+    if acc.is_main_process and plan.writes:
+        write(run_dir, summary)
+        if cfg.log.plot:
+            from runner.plot import plot_run
+            plot_run(run_dir)
+
+
+def print_finished(run_dir: Path, summary: dict) -> int:
+    from runner.tracking import summary_table
+
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"{run_dir} has already finished ({summary['stopped']}); nothing to do. Its summary:")
+        print(summary_table(summary))
+    return 0
+
+
+def run_command(options: dict, overrides: list) -> int:
+    started = time.time()
+    preemption.install()  # before torch is imported: a SIGUSR1 during the slow start-up is kept, not fatal
+    source = options.get("--config", "digits")
+    cfg = configlib.load(Config, source, overrides)
+    if options.get("--print-config"):
+        print(configlib.dump(cfg), end="")
+        return 0
+    return train(cfg, Path(source).stem, started)
+
+
+COMMAND = Command(__doc__, {"--config": "value", "--print-config": "switch"}, run_command,
+                  epilog=lambda: f"\n\npresets: {', '.join(configlib.presets())}; --print-config shows every key.")
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    try:
-        options, overrides = configlib.parse_command_line(argv, FLAGS)
-        if options.get("--help") or options.get("-h"):
-            print(__doc__.strip() + f"\n\npresets: {', '.join(configlib.presets())}; "
-                  "--print-config shows every key with its value.")
-            return 0
-        source = options.get("--config", "digits")
-        cfg = configlib.load(Config, source, overrides)
-        if options.get("--print-config"):
-            print(configlib.dump(cfg), end="")
-            return 0
-        return run(cfg, Path(source).stem)
-    except UserError as e:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {rank_prefix()}{e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT) or debug:
-            raise
-        print(f"error: {rank_prefix()}cannot write {e.filename or 'the run directory'}: {e.strerror}; "
-              f"files already written are kept", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except Exception as e:
-        if not lost_another_rank(e) or debug:
-            raise
-        print(f"error: {rank_prefix()}another rank died or stalled longer than dist.timeout_s "
-              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})",
-              file=sys.stderr, flush=True)
-        sys.stderr.flush()
-        os._exit(EXIT_LOST_RANK)  # a normal exit would tear the broken process group down and may hang
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":

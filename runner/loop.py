@@ -1,0 +1,205 @@
+"""The training loop, as named steps: micro-step, close the optimizer step, agree across ranks, report, the
+events that fall due (evaluation, checkpoint), and stopping.
+
+The only blocking collective of an optimizer step is DDP's gradient all-reduce. The ranks' agreement on
+the loss and on preemption is an all-reduce started without waiting and read one step later (on GPUs: at
+the next log, eval or save boundary, so that no step waits for the host). All ranks read the same result
+at the same step, so they stop at the same step and save the same checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from runner import preemption
+from runner.errors import UserError
+from runner.metrics import evaluate_split, per_class
+from runner.optim import l1_penalty
+
+COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED = "completed", "early_stopping", "max_steps", "preempted"
+
+
+def due(every_steps: int, every_epochs: int, step: int, epoch: int, epoch_done: bool) -> bool:
+    """Whether an event set as "every N steps and/or every N epochs" falls on this optimizer step."""
+    return bool(every_steps and step % every_steps == 0) or bool(epoch_done and every_epochs
+                                                                   and epoch % every_epochs == 0)
+
+
+@dataclass
+class Agreed:
+    step: int
+    train_loss: float        # mean over ranks and micro-steps
+    signalled: bool          # some rank received SIGUSR1/SIGTERM
+
+
+class Agreement:
+    """(loss, preemption flag) summed over ranks: started without blocking, read a step later."""
+
+    def __init__(self, acc, read_every_step: bool):
+        self.acc, self.read_every_step = acc, read_every_step
+        self.pending: list[tuple[int, torch.Tensor, object]] = []
+
+    def start(self, step: int, window_loss: torch.Tensor, signalled: bool) -> None:
+        values = torch.stack([window_loss.float(), window_loss.new_tensor(float(signalled), dtype=torch.float32)])
+        handle = None
+        if self.acc.num_processes > 1:
+            handle = torch.distributed.all_reduce(values, async_op=True)
+        self.pending.append((step, values, handle))
+
+    def read(self, everything: bool) -> list[Agreed]:
+        """The agreements that are due: all of them at a boundary, else all but the newest (on CPU)."""
+        if not everything and not self.read_every_step:
+            return []
+        ready, self.pending = (self.pending, []) if everything else (self.pending[:-1], self.pending[-1:])
+        out = []
+        for step, values, handle in ready:
+            if handle is not None:
+                handle.wait()
+            loss, signalled = values.tolist()
+            out.append(Agreed(step, loss / self.acc.num_processes, signalled > 0))
+        return out
+
+
+@dataclass
+class Trainer:
+    plan: object
+    cfg: object
+    acc: object
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    batches: object
+    eval_set: object
+    eval_split: str
+    class_names: list[str]
+    evaluator: object
+    checkpoints: object
+    log: object
+    state: object
+    speed: object
+    skipped_steps: int = 0
+    last_eval: dict = field(default_factory=dict)
+    last_eval_step: int = -1
+    segment_started: float = 0.0   # when this process started (time.time())
+    train_loss: float = float("nan")
+    stop: str | None = None
+
+    def __post_init__(self):
+        self.agreement = Agreement(self.acc, read_every_step=self.acc.device.type == "cpu")
+        self.base_times = (self.state.train_seconds, self.state.wall_seconds)
+
+    def run(self) -> str:
+        plan, state = self.plan, self.state
+        self.model.train()
+        self.speed.start()
+        while self.stop is None and not plan.finished(state):
+            window_loss, micro = None, 0
+            data_started = time.perf_counter()
+            for x, y in self.batches.train_epoch(state.epoch, state.step_in_epoch):
+                self.speed.add_data_wait(time.perf_counter() - data_started)
+                micro += 1
+                loss = self.micro_step(x, y, last_in_window=micro == plan.accumulation)
+                window_loss = loss if window_loss is None else window_loss + loss
+                if micro == plan.accumulation:
+                    self.close_step(window_loss / plan.accumulation)
+                    window_loss, micro = None, 0
+                    if self.stop is not None or plan.finished(state):
+                        break
+                data_started = time.perf_counter()
+        self.speed.pause()
+        if plan.finished(state):  # a signal that arrives with the last step changes nothing: the run is done
+            self.stop = EARLY_STOPPING if state.early_stopped else MAX_STEPS if plan.out_of_steps(
+                state.global_step) else COMPLETED
+        return self.stop
+
+    def micro_step(self, x, y, last_in_window: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; gradients are synchronised on the window's last one."""
+        cfg = self.cfg
+        with contextlib.nullcontext() if last_in_window else self.acc.no_sync(self.model):
+            loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
+            if cfg.optim.l1:
+                loss = loss + cfg.optim.l1 * l1_penalty(self.model)
+            self.acc.backward(loss / self.plan.accumulation)
+        return loss.detach()
+
+    def close_step(self, window_loss: torch.Tensor) -> None:
+        """The window's gradients are complete: step, count, agree, report, and do what falls due."""
+        plan, state, cfg = self.plan, self.state, self.cfg
+        if cfg.train.grad_clip:
+            self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.optimizer.zero_grad(set_to_none=True)  # AcceleratedOptimizer's, without its inspect
+        if self.optimizer.step_was_skipped:
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()
+        epoch_done = state.advance(plan.steps_per_epoch)
+        self.speed.add_step(plan.global_batch // plan.world)
+        self.agreement.start(state.global_step, window_loss, preemption.received is not None)
+        log_due = state.global_step % cfg.log.every_steps == 0 or state.global_step == plan.total_steps
+        eval_due = due(cfg.eval.every_steps, cfg.eval.every_epochs, state.global_step, state.epoch, epoch_done)
+        save_due = plan.writes and due(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs,
+                                       state.global_step, state.epoch, epoch_done)
+        boundary = log_due or eval_due or save_due or plan.finished(state)
+        self.settle(self.agreement.read(everything=boundary))
+        self.report(log_due, state.epoch - epoch_done)
+        if eval_due and self.evaluate_and_track_best() and cfg.checkpoint.keep_best:
+            save_due = plan.writes
+        if plan.writes and (save_due or self.stop or plan.finished(state)):
+            self.save()
+
+    def settle(self, agreed: list[Agreed]) -> None:
+        for a in agreed:
+            if not math.isfinite(a.train_loss):
+                last = (self.checkpoints.complete() or ["none"])[-1]
+                raise UserError(f"non-finite training loss at step {a.step} (epoch {self.state.epoch + 1}); "
+                                f"stopped without saving; last good checkpoint: {last}")
+            self.train_loss = a.train_loss
+            if a.signalled:
+                self.stop = PREEMPTED
+
+    def report(self, log_due: bool, epoch: int) -> None:
+        """A train record at log steps; the bar (or nothing) otherwise. `epoch`: the one this step was in."""
+        state, window = self.state, None
+        lr = self.scheduler.get_last_lr()[0]
+        if log_due:
+            window = self.speed.take_window()
+            self.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr, throughput=window)
+        self.log.progress(state.global_step, epoch, self.plan.epochs, self.train_loss, lr, window)
+
+    def evaluate_and_track_best(self) -> bool:
+        """Evaluate on the held-out split; True if the monitored metric improved."""
+        self.speed.pause()
+        state, cfg = self.state, self.cfg
+        metrics = self.evaluate(self.eval_set)
+        self.last_eval, self.last_eval_step = metrics, state.global_step
+        self.log.event(state.global_step, state.epoch, self.eval_split, metrics)
+        self.log.info(f"{self.eval_split} step {state.global_step}: accuracy {metrics['accuracy']:.4f} "
+                      f"loss {metrics['loss']:.4f} f1 {metrics['f1']:.4f}")
+        improved = state.record_eval(metrics[cfg.eval.monitor], cfg.eval.mode, cfg.eval.min_delta,
+                                     cfg.eval.patience)
+        self.speed.start()
+        return improved
+
+    def evaluate(self, split) -> dict:
+        metrics = evaluate_split(self.evaluator, self.model, self.batches, split, self.plan, self.acc)
+        metrics["per_class"] = per_class(metrics, self.class_names)
+        return metrics
+
+    def save(self) -> None:
+        self.speed.pause()
+        if not all(p.isfinite().all() for p in self.model.parameters()):
+            raise UserError(f"non-finite weights after step {self.state.global_step}; stopped without saving")
+        self.state.train_seconds, self.state.wall_seconds = self.times()
+        self.checkpoints.save(self.state)
+        self.speed.start()
+
+    def times(self) -> tuple[float, float]:
+        """(training seconds, wall seconds) over all segments of the run so far."""
+        return (self.base_times[0] + self.speed.total["seconds"],
+                self.base_times[1] + time.time() - self.segment_started)
