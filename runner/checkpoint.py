@@ -121,6 +121,8 @@ def run_dir_of(checkpoint: Path) -> Path:
 def link(directory: Path, handle: str, target: str | None) -> None:
     """Point checkpoints/<handle> at `target` atomically (or remove it)."""
     path, tmp = directory / handle, directory / f".tmp-{handle}"
+    if path.is_dir() and not path.is_symlink():  # a copy that followed the link (shutil.copytree, cp -rL)
+        shutil.rmtree(path)
     if target is None or not (directory / target).is_dir():
         path.unlink(missing_ok=True)
         return

@@ -87,16 +87,17 @@ def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[P
     raise UserError(f"{root} holds 10,000 runs named {base}-N; set run.name")
 
 
-def finished_summary(run_dir: Path, cfg) -> dict | None:
-    """The stored summary of a run that already finished with this config's length (epochs, max_steps),
-    or None. Running it again must change nothing."""
+def finished_summary(run_dir: Path, cfg, current: dict) -> dict | None:
+    """The stored summary of a run that already finished as this same experiment and length (epochs,
+    max_steps), or None. Running it again must change nothing."""
+    if stored_fingerprint(run_dir, current) != current:
+        return None
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+    except (OSError, ValueError):
         return None
-    same_length = (saved.get("epochs"), saved.get("max_steps")) == (cfg.train.epochs, cfg.train.max_steps)
-    if isinstance(summary, dict) and summary.get("stopped") in FINISHED and same_length:
+    if isinstance(summary, dict) and summary.get("stopped") in FINISHED and summary.get("length") == {
+            "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
         return summary
     return None
 

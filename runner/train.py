@@ -30,7 +30,7 @@ def train(cfg: Config, config_label: str, started: float) -> int:
 
     plan = Plan.resolve(cfg, launched_world_size())
     run_dir, note = resolve_run_dir(cfg.run, config_label, fingerprint(cfg))
-    finished = finished_summary(run_dir, cfg) if plan.writes and cfg.resume == "auto" else None
+    finished = finished_summary(run_dir, cfg, fingerprint(cfg)) if plan.writes and cfg.resume == "auto" else None
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     lock = RunLock(run_dir)
@@ -205,6 +205,7 @@ def write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome) -> None
     summary = {
         "run": str(run_dir), "stopped": outcome, "steps": state.global_step, "epochs_completed": state.epoch,
         "world_size": plan.world, "global_batch_size": plan.global_batch, "final": final,
+        "length": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
         "best": {"split": trainer.eval_split, "metric": cfg.eval.monitor, "value": state.best_metric,
                  "step": state.best_step, "checkpoint": state.best_checkpoint},
         # Over all segments (a resumed run has several), and for this one.
