@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import re
+import sys
 
 from torch import nn
 
 from models.cnn import SimpleCNN
 from models.linear import LinearClassifier
 from models.resnet9 import ResNet9
+from runner.config import clip, shown
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "linear": LinearClassifier,
@@ -25,20 +29,32 @@ class ModelNameError(ValueError):
     pass
 
 
+# `package.module:Class`: dotted Python names only, so `:X`, `.foo:X` or `a/b:X` get a clear line rather than
+# whatever importlib makes of them (relative imports, empty names).
+USER_MODEL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
 def resolve(name: str) -> type[nn.Module]:
     if name in REGISTRY:
         return REGISTRY[name]
-    if ":" not in name:
-        raise ModelNameError(f"model.name={name!r} is not a known model ({', '.join(REGISTRY)}) "
+    if not USER_MODEL.fullmatch(name):
+        raise ModelNameError(f"model.name={shown(name)} is not a known model ({', '.join(REGISTRY)}) "
                              "nor a user model written as package.module:Class")
     module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path:  # `mynet:MyNet` next to the user, under every entry point
+        sys.path.append(os.getcwd())
     try:
         cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ModelNameError(f"model.name={name!r}: cannot import it ({e})") from None
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise ModelNameError(f"model.name={shown(name)}: cannot import it ({type(e).__name__}: "
+                             f"{first_line(e)})") from None
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise ModelNameError(f"model.name={name!r} is not a torch.nn.Module class")
+        raise ModelNameError(f"model.name={shown(name)} is not a torch.nn.Module class")
     return cls
+
+
+def first_line(error: BaseException) -> str:
+    return clip(str(error).strip().split("\n")[0])
 
 
 def create(name: str, kwargs: dict, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -49,5 +65,7 @@ def create(name: str, kwargs: dict, in_shape: tuple[int, int, int], num_classes:
              if k in params and k not in kwargs}
     try:
         return cls(**extra, **kwargs)
-    except TypeError as e:
-        raise ModelNameError(f"model {name} rejected model.kwargs {kwargs}: {e}") from None
+    # A constructor refuses bad sizes in its own way: unknown names (TypeError), a negative width
+    # (RuntimeError from torch), its own checks (ValueError).
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelNameError(f"model {name} rejected model.kwargs={shown(kwargs)}: {first_line(e)}") from None

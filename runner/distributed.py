@@ -21,6 +21,7 @@ class DistConfig:
     threads: int = setting(0, min=0, max=1024)   # CPU threads per process; 0: chosen from the cores and the model
     cudnn_benchmark: bool = True                 # let cuDNN pick the fastest convolution kernels (GPU; fixed shapes)
     debug: bool = False                          # PyTorch's distributed debugging and the NCCL flight recorder
+    allow_emulated_bf16: bool = False            # run bf16 on a CPU without native bf16 anyway (several x slower)
 
 
 def cpu_threads(requested: int, step_flops: float | None = None) -> int:
@@ -36,6 +37,25 @@ def cpu_threads(requested: int, step_flops: float | None = None) -> int:
                 or 1)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, local))
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16: without either, bf16 autocast on the CPU is emulated and several times slower."""
+    try:
+        flags = set(CPUINFO.read_text().split())
+    except OSError:
+        return True  # cannot tell (not Linux): do not refuse
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def check_cpu_bf16(cfg: DistConfig) -> None:
+    if not cfg.allow_emulated_bf16 and not cpu_has_native_bf16():
+        raise UserError("train.mixed_precision=bf16 on this CPU: it has no native bf16 (neither AMX nor "
+                        "AVX512-BF16), so bf16 would run several times slower than fp32; use "
+                        "train.mixed_precision=no, or dist.allow_emulated_bf16=true to run it anyway")
 
 
 def enable_debugging(run_dir: Path, log) -> None:
@@ -86,6 +106,8 @@ def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, track
         enable_debugging(run_dir, print if os.environ.get("RANK", "0") in ("", "0") else lambda _: None)
     torch.set_num_threads(cpu_threads(cfg.threads))
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if mixed_precision == "bf16" and not torch.cuda.is_available():
+        check_cpu_bf16(cfg)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision=fp16 needs a CUDA GPU and this host has none; "
                         "use bf16 (autocast runs on CPU) or no")

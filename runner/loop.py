@@ -140,7 +140,7 @@ class Trainer:
             self.scheduler.step()
         epoch_done = state.advance(plan.steps_per_epoch)
         self.speed.add_step(plan.global_batch // plan.world)
-        self.agreement.start(state.global_step, window_loss, preemption.received is not None)
+        self.agreement.start(state.global_step, window_loss, preemption.stop_requested())
         log_due = state.global_step % cfg.log.every_steps == 0 or state.global_step == plan.total_steps
         eval_due = due(cfg.eval.every_steps, cfg.eval.every_epochs, state.global_step, state.epoch, epoch_done)
         save_due = plan.writes and due(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs,

@@ -41,11 +41,31 @@ def should_requeue() -> bool:
 
 def install() -> None:
     """Called before torch is imported: a signal during the slow startup is kept, not fatal."""
+    global launcher_pid
     for sig in SIGNALS:
         signal.signal(sig, handle)
+    # Under torchrun or accelerate launch, a launcher that dies (a SIGUSR1 kills it at once) leaves its ranks
+    # running unobserved: they notice that their parent changed and stop as if signalled.
+    launcher_pid = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") else None
+
+
+launcher_pid: int | None = None
+
+
+def stop_requested() -> bool:
+    """A signal arrived, or the launcher that started this rank is gone. Cheap: called every step."""
+    global received, received_at
+    if received is None and launcher_pid is not None and os.getppid() != launcher_pid:
+        received, received_at = LAUNCHER_GONE, time.monotonic()
+    return received is not None
+
+
+LAUNCHER_GONE = -1
 
 
 def signal_name() -> str:
+    if received == LAUNCHER_GONE:
+        return "the exit of its launcher"
     return signal.Signals(received).name if received else "a signal on another rank"
 
 

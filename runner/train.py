@@ -34,15 +34,13 @@ def train(cfg: Config, config_label: str, started: float) -> int:
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     lock = RunLock(run_dir)
-    if plan.writes and int(os.environ.get("RANK", "0") or 0) == 0:
-        lock.acquire()  # before anything is written: a second launch on this directory stops here
     try:
-        return train_locked(cfg, plan, run_dir, note, started)
+        return train_locked(cfg, plan, run_dir, note, started, lock)
     finally:
         lock.release()
 
 
-def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, started: float) -> int:
+def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, started: float, lock: RunLock) -> int:
     import torch
 
     from runner.checkpoint import Checkpointer
@@ -55,7 +53,7 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
     splits, batches, plan = load_data(cfg, plan, acc)
     model, optimizer, scheduler, flops = build_training(cfg, plan, splits, acc)
     checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, print if acc.is_main_process else lambda _: None)
-    state, resumed_from = resume(cfg, plan, acc, run_dir, checkpoints, splits)
+    state, resumed_from = resume(cfg, plan, acc, run_dir, checkpoints, splits, lock)
     log = RunLog(acc, run_dir / "metrics.jsonl" if plan.writes else None, cfg.log, plan.total_steps,
                  time_offset=state.wall_seconds)
     checkpoints.log = log.info
@@ -118,9 +116,9 @@ def build_training(cfg: Config, plan: Plan, splits, acc):
     return model, optimizer, scheduler, flops
 
 
-def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits):
-    """Enforce the resume policy, load the checkpoint to continue from (if any), and write config.yaml and
-    data.json. Returns (run state, checkpoint resumed from or None)."""
+def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits, lock: RunLock):
+    """Take the run directory's lock, enforce the resume policy, load the checkpoint to continue from (if
+    any), and write config.yaml and data.json. Returns (run state, checkpoint resumed from or None)."""
     from runner.data import data_card
     from runner.state import RunState
 
@@ -128,6 +126,7 @@ def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits):
     if not plan.writes:
         return state, None
     if acc.is_main_process:
+        lock.acquire()  # before anything is written: a second launch on this directory stops here
         prepare_run_dir(run_dir, cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
         checkpoints.remove_stale_temporaries()
     acc.wait_for_everyone()

@@ -204,7 +204,7 @@ def test_two_machines_complete_a_run_together(tmp_path):
     env = clean_env(tmp_path, ACCELERATE=BIN / "accelerate")
     result = subprocess.run(["bash", str(LAUNCH / "emulate_nodes.sh"), "-n", "2", "-l", str(tmp_path / "logs"),
                              str(REPO / "runner/train.py"), "--config", "digits", "train.epochs=1",
-                             "train.limit_train_batches=4", "run.name=nodes", f"run.root={run_root}", *QUIET],
+                             "train.limit_train_steps=4", "run.name=nodes", f"run.root={run_root}", *QUIET],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     logs = {i: (tmp_path / "logs" / f"node_{i}.log").read_text() for i in range(2)}
     assert result.returncode == 0, f"{result.stderr}\n--- node 0\n{logs[0][-3000:]}\n--- node 1\n{logs[1][-3000:]}"
@@ -303,7 +303,8 @@ def test_world_larger_than_the_dataset_is_one_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------- precision
 
 def test_bf16_launch_config_with_matching_runner_setting_runs_bf16(tmp_path):
-    result = ok(run_train(["--config", "digits", "train.fast_dev_run=2", "train.mixed_precision=bf16", *QUIET],
+    result = ok(run_train(["--config", "digits", "train.fast_dev_run=2", "train.mixed_precision=bf16",
+                                   "dist.allow_emulated_bf16=true", *QUIET],
                           tmp_path, launcher=accelerate_config("cpu_multi_bf16")), "cpu_multi_bf16")
     assert "| world 2 x cpu | precision bf16 |" in result.stdout
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.util import run_train
 
-ARGS = ["--config", "digits", "train.epochs=1", "train.limit_train_batches=5", "log.trackers=[]",
+ARGS = ["--config", "digits", "train.epochs=1", "train.limit_train_steps=5", "log.trackers=[]",
         "log.plot=false", "run.name=disk"]
 
 
@@ -101,5 +101,36 @@ def test_launcher_precision_must_agree_with_the_config(train_main, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     result = train_main(ARGS)
     assert result.returncode == 2 and "train.mixed_precision=bf16" in result.stderr
-    agreed = train_main(ARGS + ["train.mixed_precision=bf16"])
+    agreed = train_main(ARGS + ["train.mixed_precision=bf16", "dist.allow_emulated_bf16=true"])
     assert agreed.returncode == 0 and "precision bf16" in agreed.stdout
+
+
+@pytest.mark.slow
+def test_signal_that_kills_the_launcher_leaves_no_orphaned_ranks(tmp_path):
+    """SIGUSR1 kills `accelerate launch` at once (torchelastic does not handle it). Its ranks must not
+    train on unobserved: they notice that their launcher is gone, checkpoint, and stop; a restart resumes."""
+    import signal
+
+    import psutil
+
+    from tests.dist_helpers import QUIET, Background, accelerate_config, checkpoints
+    from tests.util import REPO, read_jsonl
+
+    run_dir = tmp_path / "runs" / "orphan"
+    args = ["--config", "digits", "train.epochs=40", "checkpoint.every_epochs=0", "log.every_steps=1",
+            "run.name=orphan", f"run.root={tmp_path / 'runs'}", *QUIET]
+    launch = Background(accelerate_config("cpu_multi") + [str(REPO / "runner/train.py")] + args, tmp_path)
+    try:
+        ranks = [launch.worker(r) for r in (0, 1)]
+        metrics = run_dir / "metrics.jsonl"
+        launch.wait_for(lambda: metrics.exists() and len(read_jsonl(metrics)) >= 3, 120, "training")
+        launch.proc.send_signal(signal.SIGUSR1)
+        assert launch.wait(30) is not None, "the launcher survived SIGUSR1"
+        gone, alive = psutil.wait_procs(ranks, timeout=60)
+        assert not alive, f"ranks {[p.pid for p in alive]} kept running without their launcher"
+    finally:
+        launch.stop()
+    assert "stopped by the exit of its launcher" in launch.output, launch.tail()
+    assert checkpoints(run_dir), "the ranks stopped without a checkpoint"
+    assert not (run_dir / "summary.json").exists(), "the ranks trained on to the end"
+    assert not (run_dir / "run.lock").exists()

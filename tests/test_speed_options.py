@@ -10,7 +10,7 @@ from tests.conftest import QUIET
 from tests.util import run_train
 
 TINY_CNN = ["--config", "digits", "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}", "train.epochs=1",
-            "train.limit_train_batches=4", "train.limit_eval_batches=1", "train.micro_batch_size=16"] + QUIET
+            "train.limit_train_steps=4", "train.limit_eval_batches=1", "train.micro_batch_size=16"] + QUIET
 
 
 def weights(run_dir):
@@ -33,7 +33,8 @@ def test_channels_last_and_threads_match_the_default(train_main):
 
 
 def test_bf16_with_channels_last_trains(train_main):
-    result = train_main(TINY_CNN + ["run.name=bf16", "train.mixed_precision=bf16", "model.channels_last=true"])
+    result = train_main(TINY_CNN + ["run.name=bf16", "train.mixed_precision=bf16", "model.channels_last=true",
+                                    "dist.allow_emulated_bf16=true"])
     assert result.returncode == 0, result.stderr
     assert "precision bf16" in result.stdout
 
@@ -57,3 +58,18 @@ def test_torchvision_loader_with_persistent_workers(train_main):
 def test_sync_batchnorm_is_refused_on_cpu(train_main):
     result = train_main(TINY_CNN + ["run.name=syncbn", "model.sync_batchnorm=true"])
     assert result.returncode == 2 and "model.sync_batchnorm" in result.stderr and "CUDA" in result.stderr
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(train_main, tmp_path, monkeypatch):
+    """Emulated bf16 runs several times slower than fp32: a speed option must never be a slowdown."""
+    from runner import distributed
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 avx512f\n")
+    monkeypatch.setattr(distributed, "CPUINFO", fake)
+    refused = train_main(TINY_CNN + ["run.name=emulated", "train.mixed_precision=bf16"])
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "no native bf16" in refused.stderr and "dist.allow_emulated_bf16=true" in refused.stderr
+    assert not (refused.run_root / "emulated").exists()
+    fake.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert train_main(TINY_CNN + ["run.name=native", "train.mixed_precision=bf16"]).returncode == 0
