@@ -151,7 +151,9 @@ def read_yaml(path: Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+        syntax = isinstance(e, (yaml.scanner.ScannerError, yaml.parser.ParserError))
+        kind = "YAML syntax error" if syntax else "YAML error"  # e.g. a tag that would build an object
+        raise ConfigError(f"config file {path}: {kind}{where}: {problem}") from None
     if raw is None:
         raise ConfigError(f"config file {path} is empty")
     if not isinstance(raw, dict):

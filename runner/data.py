@@ -6,7 +6,7 @@ loaded, so that config errors are reported before the slow import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,15 @@ if TYPE_CHECKING:
 
     from runner.datasets import ImageSet
 
-NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic"]
+NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "folder"]
+IN_MEMORY = ("digits", "synthetic")  # built without reading data.root
+DIGITS = [str(i) for i in range(10)]
+CLASS_NAMES = {
+    "digits": DIGITS, "mnist": DIGITS,
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 
 
 @dataclass
@@ -35,8 +43,23 @@ class DataConfig:
     synthetic_size: int = setting(2048, min=1, fingerprint=True)
     synthetic_shape: list[int] = setting([3, 32, 32], fingerprint=True)
     synthetic_classes: int = setting(10, min=2, fingerprint=True)
+    image_size: list[int] = setting([], fingerprint=True)  # folder: [H, W] or [S]; [] the most common train size
+    channels: int = setting(0, choices=[0, 1, 3], fingerprint=True)  # folder: 0 is 3 if any image has colour
+    skip_bad_images: bool = setting(False, fingerprint=True)  # folder: skip corrupt files rather than stop
+    cache_dir: str = ""                                    # folder: decoded cache; "" is <data.root>/.cache
 
     def validate(self):
+        if self.name in IN_MEMORY and self.root != "data":
+            raise ConfigError(f"data.root={self.root} is set, but data.name={self.name} reads no files; "
+                              f"use data.name=folder for a folder of images, or drop data.root")
+        folder_only = {"image_size": [], "channels": 0, "skip_bad_images": False, "cache_dir": ""}
+        set_here = [k for k, default in folder_only.items() if getattr(self, k) != default]
+        if self.name != "folder" and set_here:
+            raise ConfigError(f"data.{set_here[0]}={getattr(self, set_here[0])} applies to data.name=folder only, "
+                              f"not to {self.name}")
+        if len(self.image_size) > 2 or any(s < 1 for s in self.image_size):
+            raise ConfigError(f"data.image_size={self.image_size}: expected [height, width], [size] or [] "
+                              f"(the most common training size)")
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) < 1:
             raise ConfigError(f"data.synthetic_shape={self.synthetic_shape}: expected [channels, height, width]")
         if self.persistent_workers and self.num_workers == 0:
@@ -53,6 +76,9 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     train_dataset: Dataset  # the torchvision-style dataset behind `train`, for the DataLoader path
+    class_names: list[str] = field(default_factory=list)  # label i is class_names[i]
+    dataset: str = ""       # data.name
+    description: str = ""   # where the data came from, for the run's header (folder: files skipped, cache)
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -65,8 +91,7 @@ class Splits:
         from runner import datasets
 
         few = self.train.subset(torch.arange(min(n, len(self.train))))
-        return Splits(few, few, self.test, "overfit", self.num_classes, self.mean, self.std,
-                      datasets.ImageSetDataset(few))
+        return replace(self, train=few, eval=few, eval_split="overfit", train_dataset=datasets.ImageSetDataset(few))
 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -76,14 +101,22 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     from runner.datasets import DataError
 
     root = Path(cfg.root)
-    num_classes = datasets.NUM_CLASSES
+    class_names = CLASS_NAMES.get(cfg.name, [str(i) for i in range(datasets.NUM_CLASSES)])
+    stats, val, description = datasets.NORMALISATION.get(cfg.name), None, ""
     if cfg.name == "digits":
         train, test = datasets.load_digits()
         train_ds = None
     elif cfg.name == "synthetic":
-        num_classes = cfg.synthetic_classes
-        train, test = datasets.make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, num_classes, seed)
+        class_names = [str(i) for i in range(cfg.synthetic_classes)]
+        train, test = datasets.make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, len(class_names), seed)
         train_ds = None
+    elif cfg.name == "folder":
+        from runner import folder
+
+        found = folder.load(cfg)
+        train, val, test = found.splits["train"], found.splits.get("val"), found.splits["test"]
+        class_names, description = found.decisions.class_names, found.description
+        stats, train_ds = (tuple(found.decisions.mean), tuple(found.decisions.std)), None
     else:
         if not root.is_dir() and not cfg.download:
             raise DataError(f"data.root={cfg.root} does not exist; create it and put the {cfg.name} files "
@@ -92,11 +125,15 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
                 else lambda r, d, t: datasets.load_mnist_family(cfg.name, r, d, t))
         train, train_ds = load(root, cfg.download, True)
         test, _ = load(root, cfg.download, False)
+        class_names = train.class_names or class_names  # as the files name them, where they do
+    num_classes = len(class_names)
     datasets.check_labels(f"{cfg.name} train split", train.labels, num_classes)
     datasets.check_labels(f"{cfg.name} test split", test.labels, num_classes)
-    mean, std = datasets.NORMALISATION.get(cfg.name) or datasets.channel_stats(train.images)
+    mean, std = stats or datasets.channel_stats(train.images)
     eval_set, eval_split = test, "test"
-    if cfg.val_fraction > 0:
+    if val is not None:  # the folder's own val/ split
+        eval_set, eval_split = val, "val"
+    elif cfg.val_fraction > 0:
         # A fixed split (not the training seed), so that runs with different seeds share one val set.
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
         n_val = max(1, int(len(train) * cfg.val_fraction))
@@ -104,4 +141,10 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train = train.subset(order[n_val:])
         train_ds = None
     return Splits(train, eval_set, test, eval_split, num_classes, mean, std,
-                  train_ds or datasets.ImageSetDataset(train))
+                  train_ds or datasets.ImageSetDataset(train), class_names, cfg.name, description)
+
+
+def data_card(splits: Splits) -> dict:
+    """What prediction needs to preprocess an image exactly as training did (the run's data.json)."""
+    return {"class_names": list(splits.class_names), "in_shape": list(splits.in_shape),
+            "mean": list(splits.mean), "std": list(splits.std), "dataset": splits.dataset}

@@ -1,19 +1,23 @@
 """Reading datasets from disk into memory, with a clear line for every missing, truncated or wrong file.
 
-MNIST, Fashion-MNIST and CIFAR-10 go through torchvision's own classes after their files were checked
-here; digits (scikit-learn, offline) and synthetic data are built in memory.
+MNIST, Fashion-MNIST (IDX files) and CIFAR-10 (pickles, through a restricted unpickler) are read here, so
+that what is checked is what is loaded and no data file can run code; torchvision only downloads them.
+Digits (scikit-learn, offline) and synthetic data are built in memory.
 """
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from runner.config import clip, not_a_regular_file
 from runner.errors import UserError
 
 NUM_CLASSES = 10
@@ -34,12 +38,13 @@ class ImageSet:
     """A decoded split: uint8 images [N, C, H, W] and int64 labels [N]."""
     images: torch.Tensor
     labels: torch.Tensor
+    class_names: list[str] | None = None  # as the dataset's own files name them (CIFAR-10's batches.meta)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index])
+        return ImageSet(self.images[index], self.labels[index], self.class_names)
 
 
 class ImageSetDataset(Dataset):
@@ -55,35 +60,62 @@ class ImageSetDataset(Dataset):
         return self.images.images[i], int(self.images.labels[i])
 
 
+# ---------------------------------------------------------------------------------------------- files
+
+def read_data_file(path: Path, what: str, *, head: int | None = None, size: int | None = None,
+                   max_size: int | None = None) -> bytes:
+    """A data file's bytes (its first `head` only, if given), or one line: a directory, a device or FIFO
+    (reading would block or never end), an unreadable file, or one whose length is not `size` or is above
+    `max_size` (checked before reading, so that a huge or sparse file is not pulled into memory)."""
+    try:
+        kind = not_a_regular_file(path)
+        if kind:
+            raise DataError(f"{path} is {kind}, not {what}")
+        actual = path.stat().st_size
+        if size is not None and actual != size:
+            raise DataError(f"{path} is truncated or padded: {actual} bytes, its header needs {size}")
+        if max_size is not None and actual > max_size:
+            raise DataError(f"{path} is {actual:,} bytes, more than {what} can be ({max_size:,} at most)")
+        with open(path, "rb") as f:
+            return f.read() if head is None else f.read(head)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
 # ---------------------------------------------------------------------------------------------- MNIST family
 
 IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def check_idx(path: Path, ndim: int) -> int:
-    """Check an IDX file's magic number and length before torchvision parses it; return its item count."""
-    header_len = 4 + 4 * ndim
-    data = path.read_bytes()
-    if len(data) < header_len:
-        raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than its {header_len}-byte header")
-    magic = int.from_bytes(data[:4], "big")
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes as a uint8 tensor of the shape its header declares, after checking the
+    magic number, that no dimension is 0 and that the length matches."""
+    header_len, what = 4 + 4 * ndim, f"an IDX file of {'images' if ndim == 3 else 'labels'}"
+    header = read_data_file(path, what, head=header_len)
+    if len(header) < header_len:
+        raise DataError(f"{path} is truncated: {len(header)} bytes, shorter than its {header_len}-byte header")
+    magic = int.from_bytes(header[:4], "big")
     if magic != 0x0800 | ndim:
         raise DataError(f"{path} has magic number {magic:#010x}, expected {0x0800 | ndim:#010x} "
                         f"(an IDX file of unsigned bytes with {ndim} dimensions)")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header_len + int(torch.tensor(dims).prod())
-    if len(data) != expected:
+    dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if 0 in dims:
+        raise DataError(f"{path}: its header declares shape {dims}; a dimension of 0 holds no data")
+    expected = header_len + math.prod(dims)
+    data = read_data_file(path, what, size=expected)
+    if len(data) != expected:  # changed since its size was checked
         raise DataError(f"{path} is truncated or padded: {len(data)} bytes, its header {dims} needs {expected}")
-    return dims[0]
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=header_len).reshape(dims).copy())
 
 
 def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tuple[ImageSet, Dataset]:
+    """Read the IDX files here, not through torchvision, which would prefer a `processed/*.pt` found beside
+    them to the files checked here."""
     from torchvision import datasets
 
     cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
     raw = root / cls.__name__ / "raw"
-    # torchvision wants both splits' files whichever it loads, so check all four.
     files = [raw / f for f in IDX_FILES[True] + IDX_FILES[False]]
     if download and not all(f.exists() for f in files):
         try:
@@ -98,19 +130,25 @@ def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tup
         raise DataError(f"{name} files missing: put {', '.join(missing)} under {raw}/{hint}, "
                         f"or set data.download=true on a machine with internet")
     images_file, labels_file = [raw / f for f in IDX_FILES[train]]
-    n_images, n_labels = check_idx(images_file, 3), check_idx(labels_file, 1)
-    if n_images != n_labels:
-        raise DataError(f"{images_file} holds {n_images} images but {labels_file} holds {n_labels} labels")
-    ds = cls(str(root), train=train, download=False)
-    split = ImageSet(ds.data.unsqueeze(1).contiguous(), ds.targets.long())
+    images, labels = read_idx(images_file, 3), read_idx(labels_file, 1)
+    if len(images) != len(labels):
+        raise DataError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} labels")
+    split = ImageSet(images.unsqueeze(1), labels.long())
     check_labels(str(labels_file), split.labels, NUM_CLASSES)
-    return split, ds
+    return split, ImageSetDataset(split)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR-10
 
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_BATCHES = {True: [f"data_batch_{i}" for i in range(1, 6)], False: ["test_batch"]}
+CIFAR_META = "batches.meta"
+MAX_CIFAR_FILE = 256 << 20  # a batch of 10,000 images is 31 MB; a larger "batch" is not one
+
+
 class SafeUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles; allow only the numpy classes they need, never arbitrary code."""
+    """CIFAR files are pickles, which can run any code on load: allow only the numpy classes their arrays
+    need. Every pickle the project reads goes through here."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
@@ -118,62 +156,124 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        raise RefusedClass(f"{module}.{name}")
 
 
-def check_cifar_batch(path: Path) -> None:
+class RefusedClass(pickle.UnpicklingError):
+    pass
+
+
+def unpickle(path: Path, what: str):
+    data = read_data_file(path, what, max_size=MAX_CIFAR_FILE)
     try:
-        with open(path, "rb") as f:
-            entry = SafeUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
-    except Exception as e:
-        raise DataError(f"{path} is truncated or not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+        return SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except RefusedClass as e:
+        raise DataError(f"{path} is not {what}: it asks to load {clip(str(e))}, which a data file never "
+                        f"needs; refused, nothing was run") from None
+    except Exception as e:  # a damaged pickle fails in many ways (EOFError, KeyError, MemoryError, ...)
+        raise DataError(f"{path} is truncated or not {what} ({reason(e)})") from None
+
+
+def reason(error: BaseException) -> str:
+    """An exception as `Type: its first line`, cut short for an error line."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {clip(text.splitlines()[0]) if text else ''}"
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One python-version CIFAR-10 batch: (uint8 data N x 3072, int labels N), checked."""
+    entry = unpickle(path, "a CIFAR-10 batch")
     if not isinstance(entry, dict) or "data" not in entry or "labels" not in entry:
         raise DataError(f"{path} is not a CIFAR-10 batch: expected a dict with 'data' and 'labels'")
-    data, labels = entry["data"], entry["labels"]
-    if getattr(data, "ndim", 0) != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != data.shape[0]:
-        raise DataError(f"{path}: data of shape {getattr(data, 'shape', '?')} and {len(labels)} labels; "
-                        f"expected N x 3072 bytes and N labels")
-    if len(labels):
-        check_labels(str(path), torch.tensor(labels), NUM_CLASSES)
+    data, labels = entry["data"], integer_array(entry["labels"])
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: 'data' is {describe(data)}; expected N x 3072 unsigned bytes")
+    if labels is None or len(labels) != len(data):
+        raise DataError(f"{path}: {len(data)} images, but 'labels' is {describe(entry['labels'])}; expected "
+                        f"{len(data)} integers")
+    check_labels(str(path), torch.from_numpy(labels), NUM_CLASSES)
+    return data, labels
 
 
-def cifar10_class():
-    from torchvision import datasets
+def integer_array(values) -> np.ndarray | None:
+    """`values` as a 1-d int64 array, or None if it is not a flat list of integers."""
+    if not isinstance(values, (list, np.ndarray)):
+        return None
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):  # ragged or nested lists
+        return None
+    if array.ndim == 1 and array.size == 0:
+        return np.zeros(0, np.int64)
+    if array.ndim != 1 or array.dtype.kind not in "iu" or array.max() >= 2 ** 63:
+        return None
+    return array.astype(np.int64)
 
-    class CIFAR10(datasets.CIFAR10):
-        """torchvision's CIFAR-10 reader without the md5 check: files are checked by check_cifar_batch."""
 
-        meta = {**datasets.CIFAR10.meta, "md5": None}
+def describe(value) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of {value.dtype} with shape {value.shape}"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__}"
 
-        def _check_integrity(self) -> bool:
-            base = Path(self.root) / self.base_folder
-            return all((base / name).exists() for name, _ in self.train_list + self.test_list)
 
-    return CIFAR10
+def read_cifar_meta(path: Path) -> list[str]:
+    """batches.meta: the 10 class names, in label order."""
+    meta = unpickle(path, "CIFAR-10's batches.meta")
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == NUM_CLASSES and all(isinstance(n, str) for n in names)):
+        raise DataError(f"{path} is not CIFAR-10's batches.meta: expected 'label_names', a list of "
+                        f"{NUM_CLASSES} class names")
+    return names
+
+
+def read_cifar10(root: Path, train: bool) -> ImageSet:
+    base = root / CIFAR_FOLDER
+    class_names = read_cifar_meta(base / CIFAR_META)
+    batches = [read_cifar_batch(base / name) for name in CIFAR_BATCHES[train]]
+    images = torch.from_numpy(np.concatenate([data for data, _ in batches])).reshape(-1, 3, 32, 32)
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in batches]).astype(np.int64))
+    return ImageSet(images, labels, class_names)
 
 
 def load_cifar10(root: Path, download: bool, train: bool) -> tuple[ImageSet, Dataset]:
-    from torchvision import datasets
-
-    cls = cifar10_class()
-    base = root / datasets.CIFAR10.base_folder
-    # torchvision wants both splits' files whichever it loads, so check them all.
-    names = [n for n, _ in datasets.CIFAR10.train_list + datasets.CIFAR10.test_list]
+    """The python version of CIFAR-10, read here through SafeUnpickler: torchvision's reader would unpickle
+    the batches and batches.meta with plain pickle.load, which runs whatever code a crafted file holds."""
+    base = root / CIFAR_FOLDER
+    names = CIFAR_BATCHES[True] + CIFAR_BATCHES[False] + [CIFAR_META]
     if download and not all((base / n).exists() for n in names):
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import download_and_extract_archive
+
         try:
-            datasets.CIFAR10(str(root), train=train, download=True)
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
         except Exception as e:
             raise DataError(f"data.download=true but downloading cifar10 failed ({e}); put the python "
                             f"batches under {base}/") from None
-    missing = [n for n in names + ["batches.meta"] if not (base / n).exists()]
+    missing = [n for n in names if not (base / n).exists()]
     if missing:
         raise DataError(f"cifar10 files missing: put {', '.join(missing)} (the python version, "
                         f"cifar-10-python.tar.gz, unpacked) under {base}/, or set data.download=true")
-    for n, _ in datasets.CIFAR10.train_list if train else datasets.CIFAR10.test_list:
-        check_cifar_batch(base / n)
-    ds = cls(str(root), train=train, download=False)
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    return ImageSet(images, torch.tensor(ds.targets, dtype=torch.long)), ds
+    split = read_cifar10(root, train)
+    return split, ImageSetDataset(split)
+
+
+def cifar10_class():
+    """torchvision's CIFAR10 (PIL images and transforms, as in its tutorial) with its files read by
+    read_cifar10, for the benchmark's tutorial baseline."""
+    from torchvision import datasets
+
+    class CIFAR10(datasets.CIFAR10):
+        def __init__(self, root, train: bool = True, transform=None, target_transform=None):
+            datasets.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+            split = read_cifar10(Path(root), train)
+            self.train, self.classes = train, split.class_names
+            self.data = split.images.permute(0, 2, 3, 1).numpy()  # HWC, as torchvision keeps it
+            self.targets = split.labels.tolist()
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+    return CIFAR10
 
 
 # ---------------------------------------------------------------------------------------------- in memory
@@ -196,14 +296,18 @@ def load_digits() -> tuple[ImageSet, ImageSet]:
 def make_synthetic(size: int, shape: list[int], classes: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """Learnable random data: each class is a fixed random pattern plus noise. Test is a fifth the size."""
     g = torch.Generator().manual_seed(seed)
-    templates = torch.randint(0, 256, (classes, *shape), generator=g).float()
 
     def draw(n):
         labels = torch.randint(0, classes, (n,), generator=g)
         noise = torch.randn((n, *shape), generator=g) * 48
         return ImageSet((templates[labels] + noise).clamp(0, 255).to(torch.uint8), labels)
 
-    return draw(size), draw(max(1, size // 5))
+    try:
+        templates = torch.randint(0, 256, (classes, *shape), generator=g).float()
+        return draw(size), draw(max(1, size // 5))
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+        raise DataError(f"data.synthetic_size={size} images of data.synthetic_shape={shape} in "
+                        f"data.synthetic_classes={classes} classes do not fit in memory ({reason(e)})") from None
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -58,9 +58,8 @@ def check_cpu_bf16(cfg: DistConfig) -> None:
                         "train.mixed_precision=no, or dist.allow_emulated_bf16=true to run it anyway")
 
 
-def enable_debugging(run_dir: Path, log) -> None:
+def enable_debugging(dumps: Path, log) -> None:
     """Set before the process group starts: torch reads these once."""
-    dumps = run_dir / "flight_recorder"
     dumps.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_DISTRIBUTED_DEBUG", "DETAIL")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "INFO")
@@ -102,8 +101,6 @@ def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, track
     if not hasattr(accelerate.optimizer.is_lomo_available, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
     check_launcher_precision(mixed_precision)
-    if cfg.debug:
-        enable_debugging(run_dir, print if os.environ.get("RANK", "0") in ("", "0") else lambda _: None)
     torch.set_num_threads(cpu_threads(cfg.threads))
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if mixed_precision == "bf16" and not torch.cuda.is_available():

@@ -15,14 +15,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: this repo's packages, and the user's modules in the cwd
     sys.path[0:1] = [str(Path(__file__).resolve().parent.parent), os.getcwd()]
 
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 from runner import config as configlib  # noqa: E402
 from runner.checkpoint import CheckpointError, find, read_manifest, run_dir_of  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.errors import UserError  # noqa: E402
-from runner.plan import Config, Plan  # noqa: E402
+from runner.plan import Config  # noqa: E402
 from runner.rundir import check_fingerprint, fingerprint  # noqa: E402
 
 
@@ -65,13 +64,12 @@ def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
     except Exception as e:
         raise CheckpointError(f"cannot load {checkpoint / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
     model = acc.prepare(model)
-    # The whole split, whatever debug limits the run had.
-    plan = dataclasses.replace(Plan.resolve(cfg, acc.num_processes), eval_batch_limit=0)
-    order = TrainOrder(len(splits.train), cfg.train.seed, plan.global_batch, plan.micro_batch, plan.world,
-                       acc.process_index)
+    # Evaluation needs no training order; any world size evaluates the whole split, whatever debug limits
+    # the run had.
+    order = TrainOrder(len(splits.train), cfg.train.seed, 1, 1, 1, 0)
     batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, False, cfg.model.channels_last)
     evaluator = Evaluator(splits.num_classes, acc.device, confusion=True)
-    results = evaluate_split(evaluator, model, batches, split, plan, acc)
+    results = evaluate_split(evaluator, model, batches, split, acc, cfg.eval.batch_size, len(split))
     results["per_class"] = per_class(results, splits.class_names)
     return results, splits.class_names, split_name
 

@@ -187,7 +187,8 @@ class Trainer:
         return improved
 
     def evaluate(self, split) -> dict:
-        metrics = evaluate_split(self.evaluator, self.model, self.batches, split, self.plan, self.acc)
+        metrics = evaluate_split(self.evaluator, self.model, self.batches, split, self.acc, self.plan.eval_batch,
+                                 self.plan.eval_samples(len(split)))
         metrics["per_class"] = per_class(metrics, self.class_names)
         return metrics
 

@@ -78,15 +78,15 @@ class Evaluator:
         return results
 
 
-def evaluate_split(evaluator: Evaluator, model, batches, split, plan, acc) -> dict:
-    """This rank's disjoint shard of `split` (the plan limits it in debug modes); metrics come back reduced."""
+def evaluate_split(evaluator: Evaluator, model, batches, split, acc, batch_size: int, samples: int) -> dict:
+    """This rank's disjoint shard of the first `samples` of `split`; metrics come back reduced."""
     import torch
 
     from runner.order import shard_range
 
-    shard = shard_range(plan.eval_samples(len(split)), acc.num_processes, acc.process_index)
+    shard = shard_range(samples, acc.num_processes, acc.process_index)
     index = torch.arange(shard.start, shard.stop)
-    return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, plan.eval_batch), acc.autocast)
+    return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, batch_size), acc.autocast)
 
 
 def per_class(results: dict, class_names: list[str]) -> dict:

@@ -11,6 +11,7 @@ announce, the loop, the preemption exit, the final evaluation and the summary.
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
     import torch
 
     from runner.checkpoint import Checkpointer
-    from runner.distributed import make_accelerator
+    from runner.distributed import enable_debugging, make_accelerator
     from runner.tracking import RunLog, check_trackers
 
     check_trackers(cfg.log.trackers)
+    if cfg.dist.debug:
+        dumps = run_dir / "flight_recorder" if plan.writes else Path(tempfile.gettempdir()) / "runner-flight-recorder"
+        enable_debugging(dumps, print if int(os.environ.get("RANK", "0") or 0) == 0 else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, cfg.log.trackers if plan.writes else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc)
@@ -153,8 +157,8 @@ def announce(log, cfg: Config, plan: Plan, acc, run_dir: Path, note: str | None,
     log.info(f"run {run_dir if plan.writes else '(fast_dev_run: nothing is written)'} | world {plan.world} x "
              f"{acc.device.type} | precision {cfg.train.mixed_precision} | micro {plan.micro_batch} x accumulation "
              f"{plan.accumulation} x world {plan.world} = global {plan.global_batch}\n"
-             f"data {cfg.data.name} ({cfg.data.loader} path): train {len(splits.train)}, {splits.eval_split} "
-             f"{len(splits.eval)}{test} | model {cfg.model.name}: {parameter_count(model):,} parameters, "
+             f"data {cfg.data.name} ({cfg.data.loader} path{', ' + splits.description if splits.description else ''}"
+             f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: {parameter_count(model):,} parameters, "
              f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | {plan.total_steps} steps")
     advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), acc.device)
     if advice:

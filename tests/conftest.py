@@ -46,6 +46,13 @@ def cifar_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory) -> Path:
+    """data.root holding train/ and test/ image folders of 3 classes (PNG and JPEG, mixed sizes, a stray
+    text file), for data.name=folder."""
+    return sample_files.write_folder(tmp_path_factory.mktemp("folder_data"))
+
+
 @pytest.fixture
 def copy_data(tmp_path):
     """copy_data(root) -> a private copy of a dataset root that a test may damage."""

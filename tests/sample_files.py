@@ -1,4 +1,4 @@
-"""Small datasets written in the real on-disk formats (MNIST IDX files, CIFAR-10 python pickles).
+"""Small datasets written in the real on-disk formats (MNIST IDX files, CIFAR-10 python pickles, image folders).
 
 Tests and the benchmark use them, so that the real reading code runs without downloading anything.
 """
@@ -52,3 +52,33 @@ def write_cifar10(root: Path, per_batch: int = 40, n_test: int = 60, seed: int =
         pickle.dump({"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                                      "ship", "truck"], "num_cases_per_batch": per_batch, "num_vis": 3072}, f)
     return base
+
+
+CLASSES = ["cat", "dog", "fish"]
+SIZES = [(12, 12), (12, 12), (16, 16), (10, 14)]  # most are 12x12, the rest are resized to it
+
+
+def class_image(rng: np.random.Generator, label: int, size: tuple[int, int]) -> np.ndarray:
+    """Noise with one colour channel raised per class: a linear model separates them."""
+    image = rng.normal(60, 30, size=(*size, 3))
+    image[..., label] += 120
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_folder(root: Path, n_train: int = 24, n_test: int = 8, seed: int = 0) -> Path:
+    """root/{train,test}/<class>/: PNG and JPEG, mixed sizes, one grey image per class, and a stray text file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image = Image.fromarray(class_image(rng, label, SIZES[i % len(SIZES)]))
+                if i == 5:
+                    image.convert("L").save(folder / f"{i:03d}.png")
+                else:
+                    image.save(folder / f"{i:03d}.{'png' if i % 2 == 0 else 'jpg'}")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    return root

@@ -39,7 +39,8 @@ def digits_train_size() -> int:
 
 def preset_data_root(name: str, request) -> list[str]:
     data = load_raw(name).get("data", {}).get("name", "digits")
-    fixture = {"mnist": "mnist_root", "fashion_mnist": "fashion_mnist_root", "cifar10": "cifar_root"}.get(data)
+    fixture = {"mnist": "mnist_root", "fashion_mnist": "fashion_mnist_root", "cifar10": "cifar_root",
+               "folder": "folder_root"}.get(data)
     return [f"data.root={request.getfixturevalue(fixture)}"] if fixture else []
 
 

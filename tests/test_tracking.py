@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.util import PYTHON, REPO, clean_env, read_jsonl
 
-SHORT = ["--config", "digits", "train.epochs=2", "train.limit_train_batches=10", "log.every_steps=2"]
+SHORT = ["--config", "digits", "train.epochs=2", "train.limit_train_steps=10", "log.every_steps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_tensorboard_events_hold_the_logged_scalars(tracked_run):
     train = [r for r in records if r["split"] == "train"]
     assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in train]
     assert [v for _, v in scalars["train/loss"]] == pytest.approx([r["metrics"]["loss"] for r in train], rel=1e-6)
-    evals = [r for r in records if r["split"] == "test"]
-    assert [v for _, v in scalars["test/accuracy"]] == pytest.approx([r["metrics"]["accuracy"] for r in evals])
+    evals = [r for r in records if r["split"] == "val"]  # the preset holds out val; test is final only
+    assert evals and [v for _, v in scalars["val/accuracy"]] == pytest.approx([r["metrics"]["accuracy"] for r in evals])
     assert "train/lr" in scalars and "throughput/img_per_s" in scalars
 
 
@@ -76,7 +76,7 @@ def test_plot_script_redraws_from_metrics(tracked_run, tmp_path):
 def test_console_header_and_summary_when_not_a_terminal(tracked_run):
     _, result = tracked_run
     out = result.stdout
-    for fact in ("world 1", "precision no", "global 32", "accumulation 1", "train 1438", "7,850 parameters",
+    for fact in ("world 1", "precision no", "global 32", "accumulation 1", "train 1295", "val 143", "test 359", "7,850 parameters",
                  "runs/tracked"):
         assert fact in out, f"header lacks {fact!r}"
     assert re.search(r"epoch 2/2 +step 20/20 .* img/s .* eta", out), "no plain progress line"

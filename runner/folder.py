@@ -1,0 +1,425 @@
+"""A folder of the user's own images as a dataset: DIR/train/<class>/*, DIR/test/<class>/*, and
+DIR/val/<class>/* when present. Class names are the train folder's subfolder names, sorted.
+
+Every run scans the folder (names, sizes and mtimes only). Together with the decode settings they key a
+cache in data.cache_dir: the images decoded once into uint8 arrays (safetensors) and a JSON file with what
+was decided from the data (classes, image size, channels, normalisation, skipped files). A later run with
+the same files and settings reads the cache instead of decoding; any added, removed or touched file builds
+a new one, which replaces the old. The cache is never unpickled, and each file is written to a temporary
+name and renamed.
+
+For folders larger than memory (data.loader=torchvision) only the JSON is cached and DataLoader workers
+decode files on access (FolderImages). Both paths decode with decode_image, so they see the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from runner.datasets import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+    from runner.data import DataConfig
+    from runner.datasets import ImageSet
+
+CACHE_FORMAT = 1   # bump when decoding changes, so that older caches are not reused
+SPLITS = ("train", "val", "test")
+COLOUR_MODES = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"}
+BLOCK = 1024      # files decoded per batch of thread-pool work
+LAYOUT = "expected DIR/train/<class>/* and DIR/test/<class>/* (and optionally DIR/val/<class>/*)"
+
+
+def image_suffixes() -> set[str]:
+    """File extensions Pillow can decode; other files in the folder are skipped and counted."""
+    from PIL import Image
+
+    return {suffix.lower() for suffix in Image.registered_extensions()}
+
+
+# ---------------------------------------------------------------------------------------------- scanning
+
+@dataclass
+class FolderScan:
+    root: Path
+    class_names: list[str]
+    files: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, label)], sorted
+    skipped: int                             # non-image files
+    digest: str                              # sha256 of every file's name, label, size and mtime
+
+
+def list_class(root: Path, folder: Path, suffixes: set[str], rows: list[str]) -> tuple[list[str], int]:
+    """Image files under one class folder (recursively, hidden names skipped), relative to root, and the
+    count of other files; appends each image's `path size mtime` to rows for the cache key."""
+    images, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() not in suffixes:
+                others += 1
+                continue
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            images.append(os.path.relpath(path, root))
+            rows.append(f"{images[-1]}\t{st.st_size}\t{st.st_mtime_ns}")
+    return images, others
+
+
+def subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan(root: Path) -> FolderScan:
+    if not root.is_dir():
+        raise DataError(f"data.root={root} does not exist or is not a folder; {LAYOUT}")
+    for required in ("train", "test"):
+        if not (root / required).is_dir():
+            raise DataError(f"{root / required} does not exist: data.name=folder {LAYOUT}")
+    class_names = subfolders(root / "train")
+    if not class_names:
+        raise DataError(f"{root / 'train'} has no class folders, so no images at all: put each class's "
+                        f"images in {root / 'train'}/<class>/")
+    label = {name: i for i, name in enumerate(class_names)}
+    suffixes, rows, skipped, files = image_suffixes(), [], 0, {}
+    for split in SPLITS:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        skipped += sum(1 for p in split_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+        entries = []
+        for name in subfolders(split_dir):
+            if name not in label:
+                raise DataError(f"{split_dir / name}: class {name!r} is not in {root / 'train'} "
+                                f"(its classes: {', '.join(class_names)})")
+            rows.append(f"{split}/{name}\t{label[name]}")
+            images, others = list_class(root, split_dir / name, suffixes, rows)
+            if not images:
+                raise DataError(f"{split_dir / name} is an empty class folder: no image files "
+                                f"({others} other files)")
+            entries += [(p, label[name]) for p in images]
+            skipped += others
+        if not entries:
+            raise DataError(f"{split_dir} has no class folders, so no images: put them in {split_dir}/<class>/")
+        files[split] = entries
+    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    return FolderScan(root, class_names, files, skipped, digest)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+def open_error(path, e: Exception) -> DataError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return DataError(f"{path} is corrupt, truncated or not an image ({reason})")
+
+
+def decode_image(path, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """One image file as uint8 [C, H, W]: EXIF rotation applied, converted to grey (1) or RGB (3),
+    resized (bilinear) to size = (H, W). Training, streaming and prediction all go through here."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("P", "PA"):  # palettes with transparency convert cleanly only through RGBA
+                im = im.convert("RGBA")
+            im = im.convert("RGB" if channels == 3 else "L")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            pixels = np.array(im)  # a writable copy, as torch.from_numpy wants
+    except Exception as e:  # Pillow reports bad files as OSError, SyntaxError, ValueError, ...
+        raise open_error(path, e) from None
+    return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def probe(path) -> tuple[tuple[int, int], bool]:
+    """(H, W) after EXIF rotation and whether the image has colour, from its header only."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+            colour = im.mode in COLOUR_MODES
+            if im.mode == "P":  # a palette image is colour unless its palette is grey
+                palette = np.asarray(im.getpalette() or [], dtype=np.int64).reshape(-1, 3)
+                colour = bool((palette != palette[:, :1]).any())
+    except Exception as e:
+        raise open_error(path, e) from None
+    return (h, w), colour
+
+
+def each(paths: list, work, skip_bad: bool, bad: list[str], desc: str):
+    """work(path) for every path in order, on a few threads (Pillow decodes without the GIL), with a
+    progress bar on a terminal. A bad file raises, or is appended to `bad` and yields None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def attempt(path):
+        try:
+            return work(path)
+        except DataError as e:
+            if not skip_bad:
+                raise DataError(f"{e}; remove or replace it, or set data.skip_bad_images=true to skip such "
+                                f"files") from None
+            bad.append(str(path))
+            return None
+
+    bar = None
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(paths), unit="img", desc=desc, file=sys.stdout, leave=False)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for begin in range(0, len(paths), BLOCK):  # a block at a time: a future per file would not fit
+            for result in pool.map(attempt, paths[begin:begin + BLOCK]):
+                yield result
+            if bar is not None:
+                bar.update(len(paths[begin:begin + BLOCK]))
+    if bar is not None:
+        bar.close()
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+@dataclass
+class Decisions:
+    """What was decided from the data, saved as the cache's JSON."""
+    key: str
+    class_names: list[str]
+    channels: int
+    image_size: list[int]   # [H, W]
+    mean: list[float]
+    std: list[float]
+    counts: dict[str, int]  # images per split, bad images excluded
+    skipped_files: int      # non-image files
+    bad_images: list[str]   # skipped with data.skip_bad_images, relative to the root
+    source: dict            # the folder and the settings asked for: a newer cache of the same source replaces this
+
+
+def source(cfg: DataConfig) -> dict:
+    return {"root": str(Path(cfg.root).resolve()), "image_size": list(cfg.image_size), "channels": cfg.channels,
+            "skip_bad_images": cfg.skip_bad_images, "format": CACHE_FORMAT}
+
+
+def cache_key(cfg: DataConfig, scan_: FolderScan) -> str:
+    """The settings and every file's name, size and mtime; not the folder's path, so a copied folder
+    (mtimes kept) with its cache is still cached."""
+    settings = {**source(cfg), "root": None, "files": scan_.digest}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.root) / ".cache"
+
+
+def write_atomic(path: Path, write) -> None:
+    """write(tmp) then rename over `path`: a reader sees the old file, the new one or none, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # readable by the other users of a shared data folder, like the images
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def resolve_settings(cfg: DataConfig, scan_: FolderScan, bad: list) -> tuple[int, tuple[int, int]]:
+    """data.channels and data.image_size, or from the data: colour if any image has it, and the most
+    common training size (the larger on a tie)."""
+    if cfg.channels and cfg.image_size:
+        return cfg.channels, image_size(cfg.image_size)
+    paths = [scan_.root / p for split in scan_.files.values() for p, _ in split]
+    n_train = len(scan_.files["train"])
+    found = list(each(paths, probe, cfg.skip_bad_images, bad, "reading headers"))
+    sizes = Counter(f[0] for f in found[:n_train] if f is not None)
+    if not sizes:
+        raise DataError(f"{scan_.root / 'train'}: no readable images at all")
+    size = image_size(cfg.image_size) if cfg.image_size else max(sizes, key=lambda s: (sizes[s], s[0] * s[1]))
+    channels = cfg.channels or (3 if any(f[1] for f in found if f is not None) else 1)
+    return channels, size
+
+
+def image_size(setting: list[int]) -> tuple[int, int]:
+    return (setting[0], setting[0]) if len(setting) == 1 else (setting[0], setting[1])
+
+
+def build(cfg: DataConfig, scan_: FolderScan, key: str, keep_pixels: bool) -> tuple[Decisions, dict]:
+    """Decode every image once: returns the decisions and, with keep_pixels, {split: (images, labels)}.
+    The normalisation is exact integer sums over the training images, so it is the same whoever builds."""
+    started, bad = time.perf_counter(), []
+    channels, (h, w) = resolve_settings(cfg, scan_, bad)
+    total = sum(len(v) for v in scan_.files.values())
+    print(f"folder {scan_.root}: decoding {total} images to {channels}x{h}x{w}"
+          f"{f' ({scan_.skipped} non-image files skipped)' if scan_.skipped else ''}", flush=True)
+    arrays, counts = {}, {}
+    sums, squares, pixels = np.zeros(channels, np.int64), np.zeros(channels, np.int64), 0
+    for split, entries in scan_.files.items():
+        unreadable = set(bad)  # headers that failed, with data.skip_bad_images
+        entries = [(scan_.root / p, label) for p, label in entries if str(scan_.root / p) not in unreadable]
+        paths, labels = [p for p, _ in entries], [label for _, label in entries]
+        images = np.empty((len(paths) if keep_pixels else 0, channels, h, w), np.uint8)
+        kept = []
+        decoded = each(paths, lambda p: decode_image(p, channels, (h, w)), cfg.skip_bad_images, bad, split)
+        for i, image in enumerate(decoded):
+            if image is None:
+                continue
+            if keep_pixels:
+                images[len(kept)] = image
+            if split == "train":
+                flat = image.reshape(channels, -1).astype(np.int64)
+                sums, squares, pixels = sums + flat.sum(1), squares + (flat * flat).sum(1), pixels + flat.shape[1]
+            kept.append(labels[i])
+        if not kept:
+            raise DataError(f"{scan_.root / split}: no readable images at all")
+        counts[split] = len(kept)
+        if keep_pixels:
+            arrays[split] = (images[:len(kept)], np.asarray(kept, np.int64))
+    mean = sums / pixels / 255
+    std = np.maximum(np.sqrt(np.maximum(squares / pixels / 255 ** 2 - mean ** 2, 0)), 1e-3)
+    decisions = Decisions(key, scan_.class_names, channels, [h, w], mean.tolist(), std.tolist(), counts,
+                          scan_.skipped, sorted(os.path.relpath(p, scan_.root) for p in bad), source(cfg))
+    seconds = time.perf_counter() - started
+    print(f"folder {scan_.root}: decoded {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} "
+          f"images/s){f'; skipped {len(bad)} bad images' if bad else ''}", flush=True)
+    return decisions, arrays
+
+
+def save(directory: Path, decisions: Decisions, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
+    stem = directory / f"folder-{decisions.key[:16]}"
+    if arrays:
+        tensors = {f"{split}.{part}": np.ascontiguousarray(a) for split, pair in arrays.items()
+                   for part, a in zip(("images", "labels"), pair)}
+        write_atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp),
+                                                                              metadata={"key": decisions.key}))
+    text = json.dumps(vars(decisions), indent=1)
+    write_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    remove_stale(directory, decisions)
+
+
+def remove_stale(directory: Path, current: Decisions) -> None:
+    """Caches of the same folder and settings from before its files changed will not be read again."""
+    for path in directory.glob("folder-*.json"):
+        try:
+            stale = json.loads(path.read_text())
+            if stale.get("source") != current.source or stale.get("key") == current.key:
+                continue
+        except (OSError, ValueError, AttributeError):
+            continue  # not ours to judge
+        path.with_suffix(".safetensors").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+
+def read_decisions(path: Path, key: str) -> Decisions | None:
+    try:
+        found = Decisions(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # absent or damaged: build again
+    return found if found.key == key else None
+
+
+def read_pixels(path: Path, key: str) -> dict | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # absent or damaged (safetensors has its own error types): build again
+        return None
+    return {split: (tensors[f"{split}.images"], tensors[f"{split}.labels"])
+            for split in SPLITS if f"{split}.images" in tensors}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+@dataclass
+class FolderData:
+    splits: dict[str, ImageSet]  # train, test and val when DIR/val exists
+    decisions: Decisions
+    description: str             # for the run's header
+
+
+def load(cfg: DataConfig, keep_pixels: bool | None = None) -> FolderData:
+    """The folder's splits: in memory from the cache (built now if missing), or decoded lazily from the
+    files for data.loader=torchvision."""
+    import torch
+
+    from runner.datasets import ImageSet
+
+    keep_pixels = cfg.loader == "device" if keep_pixels is None else keep_pixels
+    found = scan(Path(cfg.root))
+    key = cache_key(cfg, found)
+    stem = cache_dir(cfg) / f"folder-{key[:16]}"
+    decisions = read_decisions(stem.with_suffix(".json"), key)
+    pixels = read_pixels(stem.with_suffix(".safetensors"), key) if keep_pixels and decisions else None
+    reused = decisions is not None and (pixels is not None or not keep_pixels)
+    if not reused:
+        decisions, arrays = build(cfg, found, key, keep_pixels)
+        save(stem.parent, decisions, arrays)
+        pixels = {split: tuple(torch.from_numpy(a) for a in pair) for split, pair in arrays.items()}
+    if keep_pixels:
+        splits = {split: ImageSet(*pair) for split, pair in pixels.items()}
+    else:
+        splits = lazy_splits(found, decisions)
+    d = decisions
+    description = (f"folder {found.root}: {len(d.class_names)} classes, {d.channels}x{d.image_size[0]}x"
+                   f"{d.image_size[1]}, {d.skipped_files} non-image files skipped"
+                   f"{f', {len(d.bad_images)} bad images skipped' if d.bad_images else ''}, cache "
+                   f"{'reused' if reused else 'built'} ({stem}.*)")
+    return FolderData(splits, decisions, description)
+
+
+def lazy_splits(found: FolderScan, decisions: Decisions) -> dict[str, ImageSet]:
+    import torch
+
+    from runner.datasets import ImageSet
+
+    bad = set(decisions.bad_images)
+    splits = {}
+    for split, entries in found.files.items():
+        kept = [(p, label) for p, label in entries if p not in bad]
+        images = FolderImages([str(found.root / p) for p, _ in kept], decisions.channels,
+                              tuple(decisions.image_size))
+        splits[split] = ImageSet(images, torch.tensor([label for _, label in kept], dtype=torch.long))
+    return splits
+
+
+class FolderImages:
+    """A split's image files, decoded on access. It stands in for an ImageSet's uint8 [N, C, H, W] tensor
+    where the DataLoader path uses one: len, shape, an int index (one decoded image) and an index tensor
+    (a subset, still lazy)."""
+
+    def __init__(self, paths: list[str], channels: int, size: tuple[int, int]):
+        self.paths, self.channels, self.size = paths, channels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> torch.Size:
+        import torch
+
+        return torch.Size((len(self.paths), self.channels, *self.size))
+
+    def __getitem__(self, index):
+        import torch
+
+        if isinstance(index, torch.Tensor) and index.ndim == 1:
+            return FolderImages([self.paths[i] for i in index.tolist()], self.channels, self.size)
+        return torch.from_numpy(decode_image(self.paths[int(index)], self.channels, self.size))
