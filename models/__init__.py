@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import re
 import sys
 
 from torch import nn
@@ -17,6 +16,7 @@ from models.cnn import SimpleCNN
 from models.linear import LinearClassifier
 from models.resnet9 import ResNet9
 from runner.config import clip, shown
+from runner.model import USER_MODEL  # one pattern for the config check and the import
 
 REGISTRY: dict[str, type[nn.Module]] = {
     "linear": LinearClassifier,
@@ -31,7 +31,6 @@ class ModelNameError(ValueError):
 
 # `package.module:Class`: dotted Python names only, so `:X`, `.foo:X` or `a/b:X` get a clear line rather than
 # whatever importlib makes of them (relative imports, empty names).
-USER_MODEL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 def resolve(name: str) -> type[nn.Module]:

@@ -18,6 +18,8 @@ from runner.errors import EXIT_LOST_RANK, EXIT_USER_ERROR, UserError
 
 # errno values that mean "the disk or its permissions", which the user can fix: exit 2, not a traceback.
 DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
+# A path that cannot be a file the user meant: a bad name, not a bug.
+PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENOENT)
 LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
 
 
@@ -27,8 +29,15 @@ def rank_prefix() -> str:
     return f"[rank {rank}] " if rank not in ("", "0") else ""
 
 
+MAX_ERROR_CHARS = 1000
+
+
 def say_error(message: str) -> None:
-    print(f"error: {rank_prefix()}{message}", file=sys.stderr, flush=True)
+    """One line, whatever the message holds: newlines escaped, the middle of a huge one cut out."""
+    line = message.replace("\r", "\\r").replace("\n", "\\n")
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS // 2] + " [...] " + line[-MAX_ERROR_CHARS // 2:]
+    print(f"error: {rank_prefix()}{line}", file=sys.stderr, flush=True)
 
 
 def lost_another_rank(error: BaseException) -> bool:
@@ -83,6 +92,12 @@ class Command:
             if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
                 verb = "write" if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT) else "access"
                 say_error(f"cannot {verb} {e.filename or 'a file'}: {e.strerror}; files already written are kept")
+                return EXIT_USER_ERROR
+            if isinstance(e, OSError) and e.filename and e.errno in PATH_ERRNOS:
+                say_error(f"cannot access {e.filename}: {e.strerror}")
+                return EXIT_USER_ERROR
+            if isinstance(e, MemoryError):
+                say_error("out of memory; a setting asks for more than this machine has (--debug shows where)")
                 return EXIT_USER_ERROR
             if debug:
                 return 1

@@ -35,14 +35,14 @@ class DataConfig:
     download: bool = False
     loader: str = setting("device", choices=["device", "torchvision"])
     val_fraction: float = setting(0.0, min=0.0, max=0.5, fingerprint=True) # held out from train; 0 evaluates on test
-    crop_padding: int = setting(0, min=0, fingerprint=True)                # random crop: pad, then shift by up to this
+    crop_padding: int = setting(0, min=0, max=1024, fingerprint=True)      # random crop: pad, then shift by up to this
     flip: bool = setting(False, fingerprint=True)                          # random horizontal flip
     num_workers: int = setting(0, min=0)                                   # torchvision path only
     pin_memory: bool = False                               # torchvision path only
     persistent_workers: bool = False                       # torchvision path only
     synthetic_size: int = setting(2048, min=1, fingerprint=True)
     synthetic_shape: list[int] = setting([3, 32, 32], fingerprint=True)
-    synthetic_classes: int = setting(10, min=2, fingerprint=True)
+    synthetic_classes: int = setting(10, min=2, max=100_000, fingerprint=True)
     image_size: list[int] = setting([], fingerprint=True)  # folder: [H, W] or [S]; [] the most common train size
     channels: int = setting(0, choices=[0, 1, 3], fingerprint=True)  # folder: 0 is 3 if any image has colour
     skip_bad_images: bool = setting(False, fingerprint=True)  # folder: skip corrupt files rather than stop

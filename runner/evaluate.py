@@ -8,12 +8,11 @@ directory (its best checkpoint, else its last). The config is the run's own conf
 overrides applied on top (`data.root=...` for data that moved). Results go to stdout and to
 `<run>/eval-<checkpoint>-<split>.json`.
 """
-import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: this repo's packages, and the user's modules in the cwd
-    sys.path[0:1] = [str(Path(__file__).resolve().parent.parent), os.getcwd()]
+if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import json  # noqa: E402
 

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from runner.config import ConfigError, setting
+from runner.config import ConfigError, setting, shown
 from runner.errors import UserError
 
 if TYPE_CHECKING:
     from torch import nn
 
-BUILT_IN = ["linear", "simple_cnn", "resnet9"]  # models.REGISTRY, named here so a config check needs no torch
+# models.REGISTRY's names and models.USER_MODEL's pattern, here so that a config check needs no torch.
+BUILT_IN = ["linear", "simple_cnn", "resnet9"]
+USER_MODEL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 @dataclass
@@ -23,8 +26,8 @@ class ModelConfig:
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
 
     def validate(self):
-        if ":" not in self.name and self.name not in BUILT_IN:
-            raise ConfigError(f"model.name={self.name!r} is not a known model ({', '.join(BUILT_IN)}) "
+        if self.name not in BUILT_IN and not USER_MODEL.fullmatch(self.name):
+            raise ConfigError(f"model.name={shown(self.name)} is not a known model ({', '.join(BUILT_IN)}) "
                               "nor a user model written as package.module:Class")
 
 

@@ -39,6 +39,8 @@ class RunConfig:
     requeue: bool = True     # under Slurm: requeue the job after a preemption checkpoint
 
     def validate(self):
+        if len(self.name) > 200:
+            raise ConfigError(f"run.name is {len(self.name)} characters long; use at most 200")
         if self.name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise ConfigError(f"run.name={self.name!r}: use letters, digits, '.', '_' and '-' only")
 
@@ -121,7 +123,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.held = False
+        self.held = self.created_dir = False
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": slurm_job_id(),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -148,6 +150,7 @@ class RunLock:
             return 0.0
 
     def acquire(self) -> None:
+        self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
@@ -175,3 +178,5 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created_dir and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()  # a run refused before it wrote anything leaves nothing behind

@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: this repo's packages, and the user's modules in the cwd
-    sys.path[0:1] = [str(Path(__file__).resolve().parent.parent), os.getcwd()]
+if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from runner import config as configlib  # noqa: E402  (none of these import torch)
 from runner import preemption  # noqa: E402

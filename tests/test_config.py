@@ -89,8 +89,8 @@ def test_wrong_type(train_main, override, key, fragment):
 @pytest.mark.parametrize("override, bound", [
     ("optim.lr=0", "must be > 0"),
     ("optim.lr=-0.1", "must be > 0"),
-    ("train.micro_batch_size=0", "must be >= 1"),
-    ("train.micro_batch_size=-4", "must be >= 1"),
+    ("train.micro_batch_size=-4", "must be >= 0"),      # 0 is allowed: global / world
+    ("train.global_batch_size=-1", "must be >= 0"),
     ("train.epochs=0", "must be >= 1"),
     ("train.epochs=-1", "must be >= 1"),
 ])
@@ -99,6 +99,65 @@ def test_zero_or_negative_values(train_main, tmp_path, override, bound):
     line = error_line(result)
     assert override.split("=")[0] in line and bound in line
     assert not result.run_root.exists()
+
+
+def float_keys() -> dict[str, bool]:
+    """Every float setting of the root config (key -> whether it is a list of floats), found by walking its
+    sections' type hints."""
+    import dataclasses
+    import typing
+
+    from runner.plan import Config
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{prefix}{f.name}.")
+            elif hint is float or float in typing.get_args(hint):
+                yield prefix + f.name, typing.get_origin(hint) is list
+    return dict(walk(Config, ""))
+
+
+def test_nan_and_infinity_are_refused_for_every_float_key(train_main):
+    keys = float_keys()
+    assert "optim.lr" in keys and len(keys) >= 5
+    for key, is_list in keys.items():
+        for text in ("nan", "inf", "-inf", ".nan", "-.inf", "1e999", "1" + "0" * 400):
+            value = f"[0.5, {text}]" if is_list else text
+            line = error_line(train_main(["--config", "digits", f"{key}={value}", "--print-config"]))
+            assert key in line and "finite number" in line, (key, text, line)
+
+
+@pytest.mark.parametrize("override", [f"train.seed={2 ** 64}", f"train.epochs={2 ** 70}",
+                                      f"data.num_workers={-2 ** 63}", "train.seed=1.0e+300"])
+def test_integers_beyond_64_bits_are_refused(train_main, override):
+    result = train_main(["--config", "digits", override])
+    line = error_line(result)
+    assert override.split("=")[0] in line and "out of range" in line
+    assert not result.run_root.exists()
+
+
+def test_a_seed_beyond_what_torch_and_numpy_take(train_main):
+    line = error_line(train_main(["--config", "digits", "train.seed=100000000000000"]))
+    assert "train.seed=100000000000000" in line and "must be <=" in line
+
+
+@pytest.mark.parametrize("name", [":X", ".foo:X", "models.linear:", "a/b:X", "models..linear:X"])
+def test_a_malformed_user_model_name(train_main, name):
+    result = train_main(["--config", "digits", f"model.name={name}"])
+    line = error_line(result)
+    assert f"model.name={name!r}" in line and "package.module:Class" in line
+    assert not [p for p in result.run_root.rglob("*") if p.is_file()]  # nothing written
+
+
+@pytest.mark.parametrize("kwargs, says", [("{in_features: -5}", "negative dimension"),
+                                          ("{dropout: 1.5}", "dropout probability")])
+def test_a_model_that_refuses_its_kwargs(train_main, kwargs, says):
+    """A constructor that raises RuntimeError or ValueError on bad sizes: one line naming model.kwargs."""
+    model = "linear" if "in_features" in kwargs else "simple_cnn"
+    line = error_line(train_main(["--config", "digits", f"model.name={model}", f"model.kwargs={kwargs}"]))
+    assert "model.kwargs=" in line and says in line
 
 
 @pytest.mark.parametrize("key, valid", [
@@ -201,12 +260,12 @@ def test_user_yaml_with_base_overrides_a_key(train_main, tmp_path):
 
 def test_user_yaml_with_base_trains(train_main, tmp_path):
     """A user file on top of a preset runs, and the run directory is named after the file."""
-    cfg = write(tmp_path / "quick.yaml", "base: digits\ntrain:\n  epochs: 1\n  limit_train_batches: 3\n"
+    cfg = write(tmp_path / "quick.yaml", "base: digits\ntrain:\n  epochs: 1\n  limit_train_steps: 3\n"
                                          "log:\n  trackers: []\n  plot: false\n")
     result = train_main(["--config", cfg])
     assert result.returncode == 0, result.stderr
     saved = yaml.safe_load((result.run_root / "quick" / "config.yaml").read_text())
-    assert saved["train"]["limit_train_batches"] == 3 and saved["data"]["name"] == "digits"
+    assert saved["train"]["limit_train_steps"] == 3 and saved["data"]["name"] == "digits"
 
 
 # ---------------------------------------------------------------------------------------------- --print-config
@@ -217,7 +276,7 @@ def test_print_config_prints_resolved_yaml_and_exits_0(train_main, tmp_path):
     resolved = yaml.safe_load(result.stdout)
     assert resolved["train"]["epochs"] == 7 and resolved["optim"]["lr"] == 0.003
     assert resolved["optim"]["name"] == "adam" and resolved["model"]["name"] == "simple_cnn"  # from the preset
-    assert resolved["train"]["micro_batch_size"] == 64 and resolved["model"]["kwargs"] == {"dropout": 0.25}
+    assert resolved["train"]["global_batch_size"] == 64 and resolved["model"]["kwargs"] == {"dropout": 0.25}
     from runner.train import Config
     from runner.config import all_keys, flatten
 
@@ -289,3 +348,11 @@ def test_yaml_words_stay_strings_for_string_keys(train_main, tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("base: digits\ntrain:\n  mixed_precision: no\n")
     assert configlib.load(Config, str(f), []).train.mixed_precision == "no"
+
+
+def test_the_config_check_knows_every_built_in_model():
+    """runner.model names the built-in models without importing torch; the names must stay in step."""
+    import models
+    from runner.model import BUILT_IN
+
+    assert sorted(BUILT_IN) == sorted(models.REGISTRY)

@@ -195,7 +195,8 @@ def test_cifar_label_out_of_range(train_main, cifar_root, copy_data):
 ])
 def test_images_that_do_not_fit_the_model_fail_before_training(train_main, cifar_root, args, fragments):
     """E.g. CIFAR's 3x32x32 into the 784-input linear net: one line before any step, no run directory."""
-    result = train_main(args + [f"data.root={cifar_root}", *QUIET])
+    root = [f"data.root={cifar_root}"] if "data.name=cifar10" in args else []  # digits reads no data.root
+    result = train_main(args + root + QUIET)
     line = error_line(result)
     assert all(f in line for f in fragments), line
     assert "step" not in result.stdout
@@ -327,7 +328,8 @@ def test_crop_and_flip_are_real_crops_and_flips(image_set):
 
 def test_torchvision_loader_path_trains(train_main, mnist_root, tmp_path):
     """The DataLoader path trains on the same batches as the device path: same losses, same result."""
-    common = ["--config", "mnist", f"data.root={mnist_root}", "train.epochs=1", "log.every_steps=1", *QUIET]
+    common = ["--config", "mnist", f"data.root={mnist_root}", "data.val_fraction=0", "train.epochs=1",
+              "log.every_steps=1", *QUIET]
     device = train_main(common, run_root=tmp_path / "device")
     loader = train_main(common + ["data.loader=torchvision"], run_root=tmp_path / "loader")
     assert device.returncode == 0 and loader.returncode == 0, loader.stderr
@@ -348,8 +350,9 @@ def test_torchvision_loader_path_with_augmentation_and_workers(train_main, cifar
     path's batches: both end with the same weights."""
     from safetensors.torch import load_file
 
-    common = ["--config", "cifar10", f"data.root={cifar_root}", "model.kwargs={width: 4, hidden: 16}",
-              "data.crop_padding=4", "data.flip=true", "train.epochs=2", "train.micro_batch_size=16", *QUIET]
+    common = ["--config", "cifar10", f"data.root={cifar_root}", "data.val_fraction=0",
+              "model.kwargs={width: 4, hidden: 16}", "data.crop_padding=4", "data.flip=true", "train.epochs=2",
+              "train.global_batch_size=16", *QUIET]
     device = train_main(common, run_root=tmp_path / "device")
     loader = train_main(common + ["data.loader=torchvision", "data.num_workers=1"], run_root=tmp_path / "loader")
     assert device.returncode == 0 and loader.returncode == 0, loader.stderr
@@ -362,7 +365,7 @@ def test_torchvision_loader_path_with_augmentation_and_workers(train_main, cifar
 
 def test_fashion_mnist_trains(train_main, fashion_mnist_root):
     result = train_main(["--config", "mnist", "data.name=fashion_mnist", f"data.root={fashion_mnist_root}",
-                         "train.epochs=1", *QUIET])
+                         "data.val_fraction=0", "train.epochs=1", *QUIET])
     assert result.returncode == 0, result.stderr
     s = summary(result.run_root / "mnist")
     assert s["steps"] == 256 // 32 and s["final"]["test"]["samples"] == 100
