@@ -278,15 +278,29 @@ def cifar10_class():
 
 # ---------------------------------------------------------------------------------------------- in memory
 
+def sklearn_digits_table():
+    """The rows of scikit-learn's digits.csv.gz (64 pixels, then the label), read from the file it ships:
+    importing scikit-learn itself takes about two seconds of every run's start-up."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.name=digits needs scikit-learn, which ships the digits (pip install scikit-learn)")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        return np.loadtxt(f, delimiter=",", dtype=np.int64)
+
+
 def load_digits() -> tuple[ImageSet, ImageSet]:
     """scikit-learn's 1,797 real 8x8 digits, resized to MNIST's 28x28; a fixed 80/20 train/test split."""
-    from sklearn.datasets import load_digits as sklearn_digits
-
-    digits = sklearn_digits()
-    small = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    table = sklearn_digits_table()
+    small = torch.tensor(table[:, :64], dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
     images = (F.interpolate(small, size=(28, 28), mode="bilinear", align_corners=False) * 255).round()
     images = images.clamp(0, 255).to(torch.uint8)
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    labels = torch.tensor(table[:, 64], dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = len(labels) // 5
     full = ImageSet(images, labels)

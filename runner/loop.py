@@ -77,7 +77,7 @@ class Trainer:
     eval_set: object
     eval_split: str
     class_names: list[str]
-    evaluator: object
+    make_evaluator: object       # built at the first evaluation: torchmetrics takes seconds to import
     checkpoints: object
     log: object
     state: object
@@ -91,6 +91,7 @@ class Trainer:
 
     def __post_init__(self):
         self.agreement = Agreement(self.acc, read_every_step=self.acc.device.type == "cpu")
+        self.evaluator = None
         self.base_times = (self.state.train_seconds, self.state.wall_seconds)
 
     def run(self) -> str:
@@ -187,6 +188,8 @@ class Trainer:
         return improved
 
     def evaluate(self, split) -> dict:
+        if self.evaluator is None:
+            self.evaluator = self.make_evaluator()
         metrics = evaluate_split(self.evaluator, self.model, self.batches, split, self.acc, self.plan.eval_batch,
                                  self.plan.eval_samples(len(split)))
         metrics["per_class"] = per_class(metrics, self.class_names)

@@ -8,6 +8,7 @@ Flags: --config PRESET|FILE (default digits), --print-config, --debug (traceback
 The stages of a run, in order: plan, run directory, processes, data, model and optimisation, resume,
 announce, the loop, the preemption exit, the final evaluation and the summary.
 """
+import functools
 import json
 import os
 import sys
@@ -173,8 +174,8 @@ def make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, c
 
     speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
     return Trainer(plan, cfg, acc, model, optimizer, scheduler, batches, splits.eval, splits.eval_split,
-                   splits.class_names, Evaluator(splits.num_classes, acc.device), checkpoints, log, state, speed,
-                   segment_started=started)
+                   splits.class_names, functools.partial(Evaluator, splits.num_classes, acc.device), checkpoints,
+                   log, state, speed, segment_started=started)
 
 
 def preempted_exit(cfg: Config, plan: Plan, acc, log, state) -> int:

@@ -73,3 +73,20 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(train_main, tmp_path, monk
     assert not (refused.run_root / "emulated").exists()
     fake.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
     assert train_main(TINY_CNN + ["run.name=native", "train.mixed_precision=bf16"]).returncode == 0
+
+
+@pytest.mark.parametrize("name, shape", [("linear", (1, 28, 28)), ("simple_cnn", (3, 32, 32)),
+                                         ("resnet9", (3, 32, 32))])
+def test_flop_count_matches_torchs_flop_counter(name, shape):
+    """The header's FLOPs come from hooks (fast start-up); they must equal FlopCounterMode's count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+    from runner.model import flops_per_sample
+
+    model = models.create(name, {}, shape, 10)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(2, *shape)).sum().backward()
+    assert flops_per_sample(model, shape) == counter.get_total_flops() / 2
