@@ -87,6 +87,8 @@ def test_two_processes_complete_and_only_the_main_process_writes(world_runs, lab
     assert s["world_size"] == 2 and s["stopped"] == "completed" and s["steps"] == 2 * (1295 // 64)  # the preset holds out val
     # console: one run header and one summary table, not one per rank
     assert result.stdout.count("| world 2 x cpu |") == 1, result.stdout
+    # the linear net's step is far shorter than a gloo all-reduce: the header says so and suggests 1 process
+    assert "communication-bound at 2 processes" in result.stdout and "1 process" in result.stdout
     assert result.stdout.count("completed after") == 1, result.stdout
     # metrics.jsonl: every record once, steps in order within each split
     lines = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -90,3 +90,15 @@ def test_flop_count_matches_torchs_flop_counter(name, shape):
     with counter:
         model(torch.zeros(2, *shape)).sum().backward()
     assert flops_per_sample(model, shape) == counter.get_total_flops() / 2
+
+
+def test_communication_bound_note_only_where_the_all_reduce_dominates():
+    import torch
+
+    from runner.distributed import communication_note
+
+    cpu = torch.device("cpu")
+    linear, cnn = (31_360 * 16, 7_850), (35_003_904 * 32, 545_098)  # (FLOPs per micro-step, parameters)
+    assert communication_note(2, *linear, cpu) and "1 process" in communication_note(2, *linear, cpu)
+    assert communication_note(2, *cnn, cpu) is None
+    assert communication_note(1, *linear, cpu) is None
