@@ -18,7 +18,7 @@ from tests.util import PYTHON, REPO, clean_env, read_jsonl, run_train, torchrun
 COMMON = ["--config", "digits", "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}",
           "train.epochs=2", "train.micro_batch_size=16", "train.global_batch_size=64", "data.crop_padding=2",
           "data.flip=true", "schedule.name=cosine", "schedule.warmup_steps=3", "log.trackers=[]",
-          "log.plot=false", "train.limit_train_batches=6"]
+          "log.plot=false", "train.limit_train_steps=6"]
 
 
 def final_weights(run_dir: Path) -> dict:
