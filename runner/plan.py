@@ -27,7 +27,7 @@ MAX_SEED = 2**32 - 1  # numpy's bound; torch accepts it too
 @dataclass
 class TrainConfig:
     epochs: int = setting(10, min=1, max=10**6)
-    max_steps: int = setting(0, min=0)                      # stop after N optimizer steps (0: epochs decide)
+    max_steps: int = setting(0, min=0)    # stop after N optimizer steps (0: epochs decide); the schedule still spans epochs
     micro_batch_size: int = setting(0, min=0, max=2**20)    # per device, per forward pass (0: global / world)
     global_batch_size: int = setting(32, min=0, max=2**24, fingerprint=True)  # per optimizer step (0: micro x world)
     gradient_accumulation_steps: int = setting(0, min=0)    # 0: global / (micro x world)
@@ -102,7 +102,8 @@ class Plan:
     overfit_samples: int          # train and evaluate on this many samples (0: off)
     writes: bool                  # fast_dev_run writes nothing: no run directory, checkpoints or trackers
     steps_per_epoch: int = 0      # known once the training set is loaded (for_train_size)
-    total_steps: int = 0
+    schedule_steps: int = 0       # what the learning-rate schedule spans: every epoch, whatever max_steps says
+    total_steps: int = 0          # what this run will take: max_steps stops it early, like a preemption
 
     @classmethod
     def resolve(cls, cfg: Config, world: int) -> "Plan":
@@ -124,7 +125,7 @@ class Plan:
         if self.steps_per_epoch_limit:
             steps = min(steps, self.steps_per_epoch_limit)
         total = steps * self.epochs
-        return dataclasses.replace(self, steps_per_epoch=steps,
+        return dataclasses.replace(self, steps_per_epoch=steps, schedule_steps=total,
                                    total_steps=min(total, self.max_steps) if self.max_steps else total)
 
     def eval_samples(self, split_size: int) -> int:

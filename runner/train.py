@@ -75,6 +75,7 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
         return preempted_exit(cfg, plan, acc, log, state)
     final = final_evaluation(trainer, splits)
     write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome)
+    acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
     acc.end_training()
     return 0
 
@@ -114,7 +115,7 @@ def build_training(cfg: Config, plan: Plan, splits, acc):
     if cfg.model.sync_batchnorm and plan.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, plan.total_steps, plan.steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.schedule, plan.schedule_steps, plan.steps_per_epoch)
     if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
         model = torch.compile(model)
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
