@@ -99,7 +99,7 @@ class Trainer:
         self.model.train()
         self.speed.start()
         while self.stop is None and not plan.finished(state):
-            window_loss, micro = None, 0
+            window_loss, micro = None, 0  # the accumulation window's summed micro-batch losses
             data_started = time.perf_counter()
             for x, y in self.batches.train_epoch(state.epoch, state.step_in_epoch):
                 self.speed.add_data_wait(time.perf_counter() - data_started)
@@ -166,12 +166,13 @@ class Trainer:
 
     def report(self, log_due: bool, epoch: int) -> None:
         """A train record at log steps; the bar (or nothing) otherwise. `epoch`: the one this step was in."""
-        state, window = self.state, None
+        state, log_window = self.state, None
         lr = self.scheduler.get_last_lr()[0]
         if log_due:
-            window = self.speed.take_window()
-            self.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr, throughput=window)
-        self.log.progress(state.global_step, epoch, self.plan.epochs, self.train_loss, lr, window)
+            log_window = self.speed.take_window()
+            self.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr,
+                           throughput=log_window)
+        self.log.progress(state.global_step, epoch, self.plan.epochs, self.train_loss, lr, log_window)
 
     def evaluate_and_track_best(self) -> bool:
         """Evaluate on the held-out split; True if the monitored metric improved."""

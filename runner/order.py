@@ -49,7 +49,8 @@ class TrainOrder:
         self.num_samples, self.seed = num_samples, seed
         self.global_batch, self.micro_batch, self.world, self.rank = global_batch, micro_batch, world, rank
         self.accumulation = global_batch // (micro_batch * world)
-        # Whole accumulation windows only: a partial window would be under-weighted (see the notes).
+        # Whole accumulation windows only: a partial one would still be divided by the full accumulation
+        # count, so its samples would count at a fraction of their weight.
         self.steps_per_epoch = num_samples // global_batch
         if max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, max_steps_per_epoch)

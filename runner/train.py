@@ -47,6 +47,7 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
 
     from runner.checkpoint import Checkpointer
     from runner.distributed import enable_debugging, make_accelerator
+    from runner.loop import PREEMPTED
     from runner.tracking import RunLog, check_trackers
 
     check_trackers(cfg.log.trackers)
@@ -71,7 +72,7 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
     trainer = make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, checkpoints, log, state,
                            flops, started)
     outcome = trainer.run()
-    if outcome == "preempted":
+    if outcome == PREEMPTED:
         return preempted_exit(cfg, plan, acc, log, state)
     final = final_evaluation(trainer, splits)
     write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome)
