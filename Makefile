@@ -22,7 +22,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+# About 3 minutes: every case in 3 interleaved rounds; `python -m benchmarks.bench --help` for options.
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench --json runs/bench.json
 
 clean:

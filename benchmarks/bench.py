@@ -1,273 +1,307 @@
-"""Benchmark: the runner against the compute bound, a hand-written loop and the tutorial loop, side by side.
+"""Benchmark: the runner against a plain Accelerate loop and PyTorch Lightning, on 1 and 2 processes.
 
-    python -m benchmarks.bench [--seconds 6] [--json runs/bench.json] [--only mnist|cifar]
+    python -m benchmarks.bench [--seconds 1] [--rounds 3] [--json PATH] [--only cnn|linear]
+                               [--frameworks runner,accelerate,lightning] [--folder] [--full]
 
-For MNIST-shaped data (Linear 784->10, batch 32) and CIFAR-shaped data (SimpleCNN, batch 64) it measures,
-in one run on the same files (written in the real formats to a temporary directory):
-- compute bound: forward+backward+step on one fixed batch already in memory (also with bf16 autocast and
-  channels_last, the ceiling for the runner's speed options);
-- plain loop: a hand-written loop over the uint8 tensor in memory (index, augment, normalise, step);
-- tutorial loop: torchvision dataset, PIL transforms, DataLoader, as the tutorials write it;
-- the runner end to end (train.py in a subprocess; its summary.json img/s), on the device path, on the
-  torchvision DataLoader path, and with its speed options (bf16 autocast, channels_last);
-- the runner on 1 process x 1 thread against 2 processes x 1 thread over gloo.
-Ratios are computed from figures measured in this one run (medians of --repeats rounds). Timed sections
-exclude start-up and warm-up.
+Two workloads, on files written in the real formats to a temporary directory: SimpleCNN at batch 64 on
+CIFAR-format files, and Linear 784->10 at batch 32 on MNIST-format files (batch sizes per process). Each
+is trained, one thread per process, on 1 process and on 2 processes (torchrun, gloo) by:
+- the runner end to end (runner/train.py, one command per workload; img/s from its metrics.jsonl windows
+  after the warm-up, so start-up is left out);
+- a plain Accelerate loop written by hand over tensors in memory (benchmarks/loops.py);
+- Lightning's Trainer over a TensorDataset DataLoader (strategy ddp on 2 processes), if Lightning is
+  installed (`pip install -e ".[bench]"`). It runs after the Accelerate loop in the same command, which
+  saves a second set of imports per round; its start-up is therefore not measured.
+Augmentation, schedules and weight decay are off, so all three do the same arithmetic.
+
+Cases run interleaved in rounds (every case once per round), so a slow spell of a shared machine hits
+all of them; each case reports min / median / max img/s over the rounds, and ratios come from the medians
+of this one run. Start-up is the seconds from the command's start to the end of its first optimizer step.
+--seconds sets the timed steady state of each case in each round. --folder adds the image-folder case
+(benchmarks/folder_bench.py: cache build rate, training on the cached folder). --full adds it and the
+deep-dive cases (compute bound, tutorial loop, speed options, torchvision data path; benchmarks/deep.py).
 """
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
-import platform
+import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script: import this repo's packages
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from models.cnn import SimpleCNN
-from models.linear import LinearClassifier
-from runner.datasets import NORMALISATION, cifar10_class
-from tests.sample_files import write_cifar10, write_mnist
+from benchmarks.launch import CaseFailed, loops_case, runner_case  # noqa: E402
+from benchmarks.machine import describe  # noqa: E402
+from benchmarks.workloads import WORKLOADS, Workload  # noqa: E402
+from runner.cli import Command  # noqa: E402
+from runner.errors import UserError  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-
-CASES = {
-    "mnist": {"data": "mnist", "shape": (1, 28, 28), "batch": 32, "lr": 0.01, "momentum": 0.0,
-              "model": "linear", "kwargs": "{in_features: 784}", "augment": False, "train_size": 20000},
-    "cifar": {"data": "cifar10", "shape": (3, 32, 32), "batch": 64, "lr": 0.01, "momentum": 0.9,
-              "model": "simple_cnn", "kwargs": "{}", "augment": True, "train_size": 5000},
-}
-
-
-def make_model(case: dict) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return LinearClassifier(case["shape"]) if case["model"] == "linear" else SimpleCNN(case["shape"])
+FRAMEWORKS = ("runner", "accelerate", "lightning")
+PROCESS_COUNTS = (1, 2)
+# Seconds a command costs besides its timed steps (imports, process group, data, warm-up, exit) on an
+# otherwise idle 2-core machine; only for the expected total printed at the start.
+LAUNCH_OVERHEAD_S = {("runner", 1): 6, ("runner", 2): 10, ("accelerate", 1): 5, ("accelerate", 2): 9,
+                     ("lightning", 1): 9, ("lightning", 2): 14}
 
 
-def timed(step, batch: int, seconds: float, warmup: int = 5) -> float:
-    """img/s of `step()` (one batch each) over about `seconds`, after a warm-up."""
-    for _ in range(warmup):
-        step()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        count += 1
-    return count * batch / (time.perf_counter() - start)
+@dataclass
+class Launch:
+    """One command per round: the runner trains one workload per command; the reference loops share one
+    command per process count and train every workload."""
+    frameworks: list[str]
+    processes: int
+    workloads: list[Workload]
+
+    def case(self, framework: str) -> str:
+        return f"{framework} {self.processes}x1"
+
+    @property
+    def label(self) -> str:
+        return self.case("+".join(self.frameworks))
+
+    def expected_seconds(self, seconds: float) -> float:
+        overhead = max(LAUNCH_OVERHEAD_S[f, self.processes] for f in self.frameworks)
+        return overhead + seconds * len(self.workloads) * len(self.frameworks)
 
 
-def endless(epoch):
-    """Batches from `epoch()` again and again."""
-    while True:
-        yield from epoch()
+def plan(frameworks: list[str], workloads: list[Workload]) -> list[Launch]:
+    loops = [f for f in frameworks if f != "runner"]
+    launches = []
+    for processes in PROCESS_COUNTS:
+        if "runner" in frameworks:
+            launches += [Launch(["runner"], processes, [w]) for w in workloads]
+        if loops:
+            launches.append(Launch(loops, processes, list(workloads)))
+    return launches
 
 
-def compute_bound(case: dict, seconds: float, fast: bool = False) -> float:
-    """One fixed batch in memory; `fast` adds the runner's speed options (bf16 autocast, channels_last)."""
-    model = make_model(case)
-    opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
-    x, y = torch.randn(case["batch"], *case["shape"]), torch.randint(0, 10, (case["batch"],))
-    if fast:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+class StepBudget:
+    """Timed steps per (workload, case): sized from a guess in round 1 (assuming no speed-up from a second
+    process), then from the img/s that case measured, to last about `seconds`."""
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def __init__(self, seconds: float):
+        self.seconds, self.measured = seconds, {}
 
-    return timed(step, case["batch"], seconds)
+    def steps(self, workload: Workload, case: str, processes: int) -> int:
+        img_per_s = self.measured.get((workload.name, case), workload.guess_img_per_s)
+        return max(3 * workload.warmup_steps, round(self.seconds * img_per_s / (workload.batch * processes)))
+
+    def update(self, workload_name: str, case: str, img_per_s: float):
+        self.measured[workload_name, case] = img_per_s
 
 
-def plain_loop(case: dict, images: torch.Tensor, labels: torch.Tensor, seconds: float) -> float:
-    """The same device-resident data path, written by hand without the runner."""
-    from runner.data import DeviceBatches, Normalise, TrainOrder
-    from runner.datasets import ImageSet
-
-    mean, std = NORMALISATION[case["data"]]
-    pad = 4 if case["augment"] else 0
-    batches = DeviceBatches(ImageSet(images, labels), Normalise(mean, std, "cpu"), "cpu", 0, pad, case["augment"])
-    order = TrainOrder(len(labels), 0, case["batch"], case["batch"], 1, 0)
-    model = make_model(case)
-    opt = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
-    stream = endless(lambda: batches.train_epoch(order, 0))
-
-    def step():
-        x, y = next(stream)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return timed(step, case["batch"], seconds)
+def run_launch(launch: Launch, folders: dict, budget: StepBudget, workdir: Path, name: str) -> dict:
+    """{case: {workload: result}} of one command."""
+    if launch.frameworks == ["runner"]:
+        (workload,) = launch.workloads
+        case = launch.case("runner")
+        return {case: runner_case(workload, folders[workload.name], launch.processes,
+                                  budget.steps(workload, case, launch.processes), workdir, name)}
+    jobs = {f: [(w, folders[w.name], budget.steps(w, launch.case(f), launch.processes)) for w in launch.workloads]
+            for f in launch.frameworks}
+    measured = loops_case(jobs, launch.processes, workdir, name)
+    return {launch.case(f): measured[f] for f in launch.frameworks}
 
 
-def tutorial_loop(case: dict, root: Path, seconds: float) -> float:
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    mean, std = NORMALISATION[case["data"]]
-    if case["augment"]:
-        transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                        transforms.ToTensor(), transforms.Normalize(mean, std)])
-        dataset = cifar10_class()(str(root), train=True, transform=transform)
-    else:
-        transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-        dataset = datasets.MNIST(str(root), train=True, transform=transform)
-    loader = DataLoader(dataset, batch_size=case["batch"], shuffle=True, num_workers=0)
-    model = make_model(case)
-    criterion = torch.nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=case["lr"], momentum=case["momentum"])
-    stream = endless(lambda: loader)
-
-    def step():
-        images, labels = next(stream)
-        optimizer.zero_grad()
-        loss = criterion(model(images), labels)
-        loss.backward()
-        optimizer.step()
-
-    return timed(step, case["batch"], seconds)
+def print_result(prefix: str, result: dict) -> None:
+    startup = result.get("startup_seconds")
+    print(f"{prefix} {result['img_per_s']:>9,.0f} img/s over {result['steps']:>5} steps"
+          + (f"   start-up {startup:5.2f} s" if startup is not None else ""), flush=True)
 
 
-def runner(case: dict, root: Path, out: Path, name: str, epochs: int, extra: list[str],
-           processes: int = 1) -> dict:
-    """train.py end to end in a subprocess; returns its summary.json (train img/s excludes start-up)."""
-    args = [f"--config={case['data'] if case['data'] == 'mnist' else 'cifar10'}", f"data.name={case['data']}",
-            f"data.root={root}", f"model.name={case['model']}", f"model.kwargs={case['kwargs']}",
-            f"optim.lr={case['lr']}", f"optim.momentum={case['momentum']}", "optim.weight_decay=0",
-            "schedule.name=constant", f"train.micro_batch_size={case['batch']}", f"train.epochs={epochs}",
-            f"data.crop_padding={4 if case['augment'] else 0}", f"data.flip={str(case['augment']).lower()}",
-            "eval.every_epochs=0", "checkpoint.every_epochs=0", "log.every_steps=20", "log.trackers=[]",
-            "log.plot=false", f"run.root={out}", f"run.name={name}", "resume=none", "run.overwrite=true"] + extra
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "SLURM_"))}
-    env["HF_HOME"] = str(out / "hf_home")
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes),
-                    "--master_port", str(29500 + os.getpid() % 1000)]
-    result = subprocess.run(launcher + [str(REPO / "runner/train.py")] + args, env=env, capture_output=True,
-                            text=True, cwd=REPO)
-    if result.returncode != 0:
-        raise RuntimeError(f"runner {name} failed:\n{result.stderr[-3000:]}")
-    return json.loads((out / name / "summary.json").read_text())
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
-def steady_img_per_s(run_dir: Path) -> float:
-    """Training img/s from the run's log windows after the first, which holds the warm-up (the in-process
-    measurements above skip their warm-up steps too)."""
-    windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if w["split"] == "train"]
-    samples = seconds = 0.0
-    for before, window in zip(windows, windows[1:]):
-        steps = window["step"] - before["step"]
-        seconds += steps * window["throughput"]["step_time_ms"] / 1000
-        samples += steps * window["throughput"]["img_per_s"] * window["throughput"]["step_time_ms"] / 1000
-    return samples / seconds
+def run_rounds(launches: list[Launch], folders: dict, rounds: int, seconds: float, workdir: Path) -> dict:
+    """Every launch once per round; returns {(workload, label): [per-round results]} and the failures."""
+    budget, results, failures, commands = StepBudget(seconds), {}, [], []
+    for round_index in range(1, rounds + 1):
+        round_started = time.perf_counter()
+        for launch in launches:
+            started, cpu_before = time.perf_counter(), children_cpu_seconds()
+            name = f"r{round_index}-{'-'.join(launch.frameworks)}-{launch.processes}-{launch.workloads[0].name}"
+            try:
+                measured = run_launch(launch, folders, budget, workdir, name)
+            except CaseFailed as failure:
+                failures.append(f"round {round_index} {launch.label}: {failure}")
+                print(f"round {round_index}/{rounds}  {launch.label:<15} FAILED: {failure}", flush=True)
+                continue
+            wall, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu_before
+            commands.append({"round": round_index, "command": launch.label, "wall_seconds": wall,
+                             "cpu_seconds": cpu, "workloads": [w.name for w in launch.workloads]})
+            for case, per_workload in measured.items():
+                for workload_name, result in per_workload.items():
+                    budget.update(workload_name, case, result["img_per_s"])
+                    results.setdefault((workload_name, case), []).append(result)
+                    print_result(f"round {round_index}/{rounds}  {case:<15} {workload_name:<7}", result)
+            print(f"round {round_index}/{rounds}  {launch.label}: command {wall:.1f} s, cpu {cpu:.1f} s",
+                  flush=True)
+        print(f"round {round_index}/{rounds} took {time.perf_counter() - round_started:.0f} s; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    return {"results": results, "failures": failures, "commands": commands}
 
 
-def bench_case(key: str, seconds: float, workdir: Path, repeats: int) -> dict:
-    case = CASES[key]
-    root = workdir / key
-    if case["data"] == "mnist":
-        write_mnist(root, n_train=case["train_size"], n_test=2000)
-        from torchvision import datasets
-        ds = datasets.MNIST(str(root), train=True)
-        images, labels = ds.data.unsqueeze(1), ds.targets
-    else:
-        write_cifar10(root, per_batch=case["train_size"] // 5, n_test=1000)
-        ds = cifar10_class()(str(root), train=True)
-        images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
-    per_epoch_s = case["train_size"] / 20000 if key == "mnist" else case["train_size"] / 2500
-    epochs = max(2, int(seconds / per_epoch_s))
-    out = workdir / "runs"
-    rounds = []
-    for _ in range(repeats):  # whole rounds, so that a slow spell of a shared machine hits every variant
-        measured = {"compute_bound": compute_bound(case, seconds),
-                    "compute_bound_fast": compute_bound(case, seconds, fast=True),
-                    "plain_loop": plain_loop(case, images, labels, seconds),
-                    "tutorial_loop": tutorial_loop(case, root, seconds)}
-        summaries = {
-            "runner": runner(case, root, out, f"{key}-device", epochs, []),
-            "runner_torchvision": runner(case, root, out, f"{key}-torchvision", max(1, epochs // 4),
-                                         ["data.loader=torchvision"]),
-            "runner_fast": runner(case, root, out, f"{key}-fast", epochs,
-                                  ["train.mixed_precision=bf16", "model.channels_last=true"]),
-            "runner_1x1": runner(case, root, out, f"{key}-1x1", max(1, epochs // 2), ["dist.threads=1"]),
-            "runner_2x1": runner(case, root, out, f"{key}-2x1", max(1, epochs // 2), ["dist.threads=1"],
-                                 processes=2),
-        }
-        measured.update({label: steady_img_per_s(Path(summary["run"])) for label, summary in summaries.items()})
-        rounds.append(measured)
-    results = {label: statistics.median(r[label] for r in rounds) for label in rounds[0]}
-    accuracy = {label: summaries[label]["final"]["test"]["accuracy"] for label in ("runner", "runner_fast")}
-    ratios = {
-        "runner / compute_bound": results["runner"] / results["compute_bound"],
-        "runner / plain_loop": results["runner"] / results["plain_loop"],
-        "runner / tutorial_loop": results["runner"] / results["tutorial_loop"],
-        "runner_torchvision / tutorial_loop": results["runner_torchvision"] / results["tutorial_loop"],
-        "runner_fast / tutorial_loop": results["runner_fast"] / results["tutorial_loop"],
-        "runner_fast / compute_bound_fast": results["runner_fast"] / results["compute_bound_fast"],
-        "runner_2x1 / runner_1x1": results["runner_2x1"] / results["runner_1x1"],
-    }
-    return {"batch": case["batch"], "model": case["model"], "repeats": repeats, "img_per_s": results, "ratios": ratios,
-            "test_accuracy": accuracy}
+def spread(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "values": values}
 
 
-def markdown(report: dict) -> str:
-    """The README's table: img/s per variant and the ratios, for each data shape."""
-    cases = report["cases"]
-    keys = list(cases)
-    head = "| img/s | " + " | ".join(f"{k} ({cases[k]['model']}, batch {cases[k]['batch']})" for k in keys) + " |"
-    lines = [head, "|---" * (len(keys) + 1) + "|"]
-    for label in cases[keys[0]]["img_per_s"]:
-        lines.append(f"| {label} | " + " | ".join(f"{cases[k]['img_per_s'][label]:,.0f}" for k in keys) + " |")
-    for label in cases[keys[0]]["ratios"]:
-        lines.append(f"| **{label}** | " + " | ".join(f"{cases[k]['ratios'][label]:.2f}x" for k in keys) + " |")
+def summarise(results: dict) -> dict:
+    """Per case: min / median / max of img/s and of the start-up figures; ratios of medians."""
+    cases = {}
+    for (workload_name, label), runs in results.items():
+        case = {"workload": workload_name, "case": label}
+        for field in ("img_per_s", "startup_seconds", "startup_reported_seconds"):
+            values = [r[field] for r in runs if r.get(field) is not None]
+            if values:
+                case[field] = spread(values)
+        cases[f"{workload_name} {label}"] = case
+    return {"cases": cases, "ratios": ratios(cases)}
+
+
+def ratios(cases: dict) -> dict:
+    def median(workload, label):
+        case = cases.get(f"{workload} {label}")
+        return case["img_per_s"]["median"] if case else None
+
+    pairs = [(f"runner / {other} {p}x1", f"runner {p}x1", f"{other} {p}x1")
+             for other in ("accelerate", "lightning") for p in PROCESS_COUNTS]
+    pairs += [(f"{f} 2x1 / {f} 1x1", f"{f} 2x1", f"{f} 1x1") for f in FRAMEWORKS]
+    out = {}
+    for workload in WORKLOADS:
+        for name, top, bottom in pairs:
+            a, b = median(workload, top), median(workload, bottom)
+            if a and b:
+                out.setdefault(workload, {})[name] = a / b
+    return out
+
+
+def ratio_text(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def markdown(summary: dict, workloads: list[Workload]) -> str:
+    """The README's tables: img/s median (min-max) per case and workload, ratios, start-up."""
+    def cell(case_key, field, fmt):
+        case = summary["cases"].get(case_key, {}).get(field)
+        return "" if case is None else (f"{fmt(case['median'])} ({fmt(case['min'])}-{fmt(case['max'])})")
+
+    labels = sorted({c["case"] for c in summary["cases"].values()},
+                    key=lambda label: (FRAMEWORKS.index(label.split()[0]), label))
+    head = " | ".join(w.title for w in workloads)
+    lines = [f"| img/s, median (min-max) | {head} |", "|---" * (len(workloads) + 1) + "|"]
+    for label in labels:
+        lines.append(f"| {label} | " + " | ".join(
+            cell(f"{w.name} {label}", "img_per_s", lambda v: f"{v:,.0f}") for w in workloads) + " |")
+    names = list(dict.fromkeys(n for per in summary["ratios"].values() for n in per))
+    for name in names:
+        lines.append(f"| **{name}** | " + " | ".join(
+            ratio_text(summary["ratios"].get(w.name, {}).get(name)) for w in workloads) + " |")
+    lines += ["", f"| start-up: s from the command's start to its first step | {head} |",
+              "|---" * (len(workloads) + 1) + "|"]
+    for label in labels:
+        for field, suffix in (("startup_seconds", ""), ("startup_reported_seconds", " (its summary.json)")):
+            row = [cell(f"{w.name} {label}", field, lambda v: f"{v:.1f}") for w in workloads]
+            if any(row):
+                lines.append(f"| {label}{suffix} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def folder_case(workdir: Path) -> dict | None:
+    """The image-folder case of benchmarks/folder_bench.py (cache build rate, training on the cached
+    folder), where that file exists."""
+    if importlib.util.find_spec("benchmarks.folder_bench") is None:
+        return None
+    from benchmarks import folder_bench
+
+    (workdir / "folder").mkdir()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+        report = folder_bench.folder_benchmark(workdir / "folder")
+    except Exception as e:  # an optional case must not lose the main figures
+        return {"error": f"{type(e).__name__}: {e}"}
+    report["markdown"] = folder_bench.markdown(report)
+    return report
+
+
+def options_from(options: dict) -> dict:
+    try:
+        seconds, rounds = float(options.get("--seconds", 1.0)), int(options.get("--rounds", 3))
+    except ValueError:
+        raise UserError("--seconds takes a number and --rounds a whole number") from None
+    frameworks = options.get("--frameworks", ",".join(FRAMEWORKS)).split(",")
+    only = options.get("--only")
+    if seconds <= 0 or rounds < 1 or not set(frameworks) <= set(FRAMEWORKS) or (only and only not in WORKLOADS):
+        raise UserError(f"expected --seconds > 0, --rounds >= 1, --frameworks from {','.join(FRAMEWORKS)}, "
+                        f"--only one of {', '.join(WORKLOADS)}")
+    if "lightning" in frameworks and importlib.util.find_spec("lightning") is None:
+        print("lightning is not installed (pip install -e \".[bench]\"): its cases are left out", flush=True)
+        frameworks.remove("lightning")
+    return {"seconds": seconds, "rounds": rounds, "frameworks": frameworks,
+            "workloads": [WORKLOADS[only]] if only else list(WORKLOADS.values())}
+
+
+def print_report(report: dict, workloads: list[Workload]) -> None:
+    print(f"\n{report['machine']['text']}\n")
+    print(markdown(report, workloads))
+    for failure in report["failures"]:
+        print(f"failed: {failure}")
+    if report.get("folder"):
+        print("\nimage folder (benchmarks/folder_bench.py):")
+        print(report["folder"].get("markdown") or f"failed: {report['folder']['error']}")
+
+
+def run(options: dict, overrides: list) -> int:
+    if overrides:
+        raise UserError(f"unexpected argument {overrides[0][0]}={overrides[0][1]}")
+    settings = options_from(options)
+    machine = describe()
+    launches = plan(settings["frameworks"], settings["workloads"])
+    expected = settings["rounds"] * sum(launch.expected_seconds(settings["seconds"]) for launch in launches)
+    print(f"{machine['text']}; load average {os.getloadavg()[0]:.1f} (a busy machine slows every case)\n"
+          f"{len(launches)} commands x {settings['rounds']} rounds, {settings['seconds']:g} s timed per case: "
+          f"expected about {expected / 60:.1f} min", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        folders = {w.name: w.write_files(workdir / "data") for w in settings["workloads"]}
+        measured = run_rounds(launches, folders, settings["rounds"], settings["seconds"], workdir)
+        report = {"machine": machine, "settings": {k: v for k, v in settings.items() if k != "workloads"}
+                  | {"workloads": [w.name for w in settings["workloads"]]},
+                  **summarise(measured["results"]), "failures": measured["failures"],
+                  "commands": measured["commands"]}
+        if options.get("--folder") or options.get("--full"):
+            report["folder"] = folder_case(workdir)
+        if options.get("--full"):
+            from benchmarks.deep import deep_dive
+
+            report["deep"] = deep_dive(settings["workloads"], folders, settings["seconds"], settings["rounds"],
+                                       workdir)
+    report["wall_seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = os.getloadavg()[0]
+    print_report(report, settings["workloads"])
+    print(f"\ntotal {report['wall_seconds']:.0f} s")
+    if options.get("--json"):
+        path = Path(options["--json"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+    return 1 if measured["failures"] else 0
+
+
+COMMAND = Command(__doc__, {"--seconds": "value", "--rounds": "value", "--json": "value", "--only": "value",
+                            "--frameworks": "value", "--folder": "switch", "--full": "switch"}, run)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=6.0, help="time per in-process measurement")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--only", choices=sorted(CASES), help="one data shape only")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of every measurement; medians are kept")
-    args = parser.parse_args(argv)
-    report = {"machine": machine(), "threads": torch.get_num_threads(), "cases": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in [args.only] if args.only else list(CASES):
-            report["cases"][key] = bench_case(key, args.seconds, Path(tmp), args.repeats)
-            case = report["cases"][key]
-            print(f"\n{key} ({case['model']}, batch {case['batch']}) on {report['machine']}")
-            for label, value in case["img_per_s"].items():
-                print(f"  {label:<22} {value:>12,.0f} img/s")
-            for label, value in case["ratios"].items():
-                print(f"  {label:<36} {value:6.2f}x")
-            print("  test accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in case["test_accuracy"].items()))
-    print("\n" + markdown(report))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"\nwrote {args.json}")
-    return 0
+    return COMMAND.main(argv)
 
 
 if __name__ == "__main__":
