@@ -64,7 +64,17 @@ class Command:
     epilog: Callable[[], str] = field(default=lambda: "")
 
     def main(self, argv: list[str] | None = None) -> int:
-        argv = sys.argv[1:] if argv is None else list(argv)
+        code = self.run_guarded(sys.argv[1:] if argv is None else list(argv))
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
+            # The interpreter's teardown after a gloo process group sometimes aborts ("terminate called
+            # without an active exception"), turning a finished rank into a crash: everything is written
+            # and flushed by now, so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+
+    def run_guarded(self, argv: list[str]) -> int:
         debug = "--debug" in argv
         try:
             if "--help" in argv or "-h" in argv:
