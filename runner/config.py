@@ -259,13 +259,14 @@ def apply_override(raw: dict, dotted: str, text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- checking
 
-def all_keys(cls, prefix: str = "") -> list[str]:
+def all_keys(cls, prefix: str = "", where=lambda field: True) -> list[str]:
+    """Every dotted key of a config class, at any depth (only the fields `where` accepts)."""
     keys = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
-            keys += all_keys(hint, f"{prefix}{f.name}.")
-        else:
+            keys += all_keys(hint, f"{prefix}{f.name}.", where)
+        elif where(f):
             keys.append(prefix + f.name)
     return keys
 
@@ -413,16 +414,9 @@ def dump(cfg) -> str:
 
 # ---------------------------------------------------------------------------------------------- command line
 
-def fingerprint_keys(cls, prefix: str = "") -> list[str]:
-    """The dotted keys declared with `setting(..., fingerprint=True)`, at any depth."""
-    keys = []
-    for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += fingerprint_keys(hint, f"{prefix}{f.name}.")
-        elif f.metadata.get("fingerprint"):
-            keys.append(prefix + f.name)
-    return keys
+def fingerprint_keys(cls) -> list[str]:
+    """The dotted keys declared with `setting(..., fingerprint=True)`."""
+    return all_keys(cls, where=lambda field: field.metadata.get("fingerprint", False))
 
 
 def parse_command_line(argv: list[str], flags: dict[str, str],

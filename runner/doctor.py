@@ -472,7 +472,7 @@ def benchmark(device, world: int, max_size: int, iterations: int, watchdog: Watc
         if main:
             bus = results[-1]["bus_gb_s"]
             print(f"  {human_size(size):>6}  {count:5d}  {1e6 * seconds:12.1f}  "
-                  f"{'-' if bus is None else f'{bus:.3f}':>9}", flush=True)
+                  f"{'-' if bus is None else f'{bus:.3g}':>9}", flush=True)
     watchdog.disarm()
     return results
 

@@ -1,6 +1,6 @@
 """The sbatch scripts under a real Slurm: a private cluster of two nodes, n1 and n2, on this host.
 
-One module fixture submits four jobs at once, all on the same small `digits` run with 2 ranks (3 epochs of 179
+One module fixture submits four jobs at once, all on the same small `digits` run with 2 ranks (3 epochs of 161
 steps):
   A  slurm/cpu.sbatch on 2 nodes, left alone: the uninterrupted reference;
   B  slurm/cpu.sbatch on 2 nodes, sent SIGUSR1 mid-epoch: it must checkpoint, requeue itself, resume and finish;
@@ -28,11 +28,11 @@ from tests.util import BIN, REPO, clean_env, read_jsonl, summary
 pytestmark = pytest.mark.slurm
 
 SCRIPTS = ["slurm/cpu.sbatch", "slurm/single_node_gpu.sbatch", "slurm/multi_node_gpu.sbatch"]
-# 1438 training samples / (micro 4 x world 2) = 179 steps per epoch; 3 epochs, so that a fast machine cannot
-# finish before the preemption signal arrives.
-TRAIN_ARGS = ["--config", "digits", "train.epochs=3", "train.micro_batch_size=4", "log.every_steps=5",
+# 1295 training samples (the preset holds out val) / global batch 8 = 161 steps per epoch; 3 epochs, so
+# that a fast machine cannot finish before the preemption signal arrives.
+TRAIN_ARGS = ["--config", "digits", "train.epochs=3", "train.global_batch_size=8", "log.every_steps=5",
               "log.trackers=[]", "log.plot=false", "log.progress=lines", "checkpoint.keep_last=10"]
-STEPS, STEPS_PER_EPOCH = 537, 179
+STEPS, STEPS_PER_EPOCH = 483, 161
 JOB_TIMEOUT = 300  # seconds, per job, from submission (they take 40-130 s here, sharing the 2 cores)
 
 
@@ -129,7 +129,7 @@ def jobs(slurm_cluster, tmp_path_factory):  # noqa: F811
                               gpu_env(cluster, tmp, 2)),
     }
     try:
-        # Preempt B mid-epoch: as soon as its metrics show a training step (they log every 5 of 179 per epoch).
+        # Preempt B mid-epoch: as soon as its metrics show a training step (they log every 5 of 161 per epoch).
         job = jobs["preempted"]
         deadline, next_check = time.time() + 150, time.time() + 2
         while True:
@@ -217,7 +217,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_bit_for_bit(jobs):
     assert f"resumed from {checkpoint} (epoch 1, step {step})" in output, job.explain()
     assert step < STEPS, "the signal came too late to interrupt anything"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
-    # Signalled mid-epoch; the checkpoint is mid-epoch too unless the signal's delay ran exactly to step 179.
+    # Signalled mid-epoch; the checkpoint is mid-epoch too unless the signal's delay ran exactly to step 161.
     assert (manifest["epoch"], manifest["step_in_epoch"]) == divmod(step, STEPS_PER_EPOCH), manifest
     assert manifest["world_size"] == 2
     check_run(job)
