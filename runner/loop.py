@@ -148,6 +148,8 @@ class Trainer:
                                        state.global_step, state.epoch, epoch_done)
         boundary = log_due or eval_due or save_due or plan.finished(state)
         self.settle(self.agreement.read(everything=boundary))
+        if self.stop is not None:  # stopping here: this step's agreement too, so no collective is left pending
+            self.settle(self.agreement.read(everything=True))
         self.report(log_due, state.epoch - epoch_done)
         if eval_due and self.evaluate_and_track_best() and cfg.checkpoint.keep_best:
             save_due = plan.writes
