@@ -16,11 +16,10 @@ if __package__ in (None, ""):  # run as a script: import this repo's packages, n
 
 import json  # noqa: E402
 
-from runner import config as configlib  # noqa: E402
-from runner.checkpoint import CheckpointError, find, read_manifest, run_dir_of  # noqa: E402
+from runner.checkpoint import find, read_manifest, run_dir_of  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.errors import UserError  # noqa: E402
-from runner.plan import Config  # noqa: E402
+from runner.plan import Config, load_run_config  # noqa: E402
 from runner.rundir import check_fingerprint, fingerprint  # noqa: E402
 
 
@@ -29,10 +28,7 @@ def evaluate(options: dict, overrides: list) -> int:
         raise UserError("--checkpoint PATH is required (a checkpoint, checkpoints/best|last, or a run directory)")
     checkpoint = find(options["--checkpoint"])
     run_dir = run_dir_of(checkpoint)
-    if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir / 'config.yaml'} is missing: cannot tell which model and data "
-                              f"{checkpoint} holds")
-    cfg = configlib.load(Config, str(run_dir / "config.yaml"), overrides)
+    cfg = load_run_config(run_dir, overrides)
     check_fingerprint(read_manifest(checkpoint)["fingerprint"], fingerprint(cfg), checkpoint)
     from runner.distributed import make_accelerator
 
@@ -45,12 +41,10 @@ def evaluate(options: dict, overrides: list) -> int:
 
 
 def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
-    from safetensors.torch import load_model
-
     from runner.batches import make_batches
     from runner.data import load_splits
     from runner.metrics import Evaluator, evaluate_split, per_class
-    from runner.model import build_model
+    from runner.model import build_model, load_weights
     from runner.order import TrainOrder
 
     splits = load_splits(cfg.data, cfg.train.seed)
@@ -58,11 +52,7 @@ def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
     if split is None:
         raise UserError(f"--split {split_name}: this run has the splits test and {splits.eval_split}")
     model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
-    try:
-        load_model(model, str(checkpoint / "model.safetensors"))
-    except Exception as e:
-        raise CheckpointError(f"cannot load {checkpoint / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
-    model = acc.prepare(model)
+    model = acc.prepare(load_weights(model, checkpoint, cfg.model.name))
     # Evaluation needs no training order; any world size evaluates the whole split, whatever debug limits
     # the run had.
     order = TrainOrder(len(splits.train), cfg.train.seed, 1, 1, 1, 0)

@@ -48,6 +48,18 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return model
 
 
+def load_weights(model: nn.Module, checkpoint, name: str) -> nn.Module:
+    """A checkpoint's safetensors weights into `model`, or one line naming what does not fit."""
+    from safetensors.torch import load_model
+
+    try:
+        load_model(model, str(checkpoint / "model.safetensors"), device="cpu")
+    except Exception as e:  # safetensors and torch report mismatches with several types
+        raise UserError(f"cannot load {checkpoint / 'model.safetensors'} into model {name} "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model
+
+
 def check_fits(model: nn.Module, name: str, in_shape, num_classes: int, data_name: str) -> None:
     """One forward pass on a dummy batch, so a mismatch is one line now rather than a traceback later."""
     import torch

@@ -56,6 +56,16 @@ class Config:
     resume: str = "auto"  # auto: newest complete checkpoint of this run; none: start fresh; or a checkpoint/handle
 
 
+def load_run_config(run_dir, overrides: list) -> Config:
+    """The config a run directory was trained with (its config.yaml), overrides applied on top."""
+    from runner import config as configlib
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{config_file} does not exist: it tells which model and data the run's checkpoints hold")
+    return configlib.load(Config, str(config_file), overrides)
+
+
 def batch_arithmetic(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
     """(global batch, micro batch, accumulation steps) from the user's knobs, or one line naming the valid
     choices. A preset pins the global batch and leaves the micro batch to the world size (0), so it is the

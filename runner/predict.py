@@ -66,23 +66,12 @@ def read_card(run_dir: Path) -> dict:
 
 
 def load_model(checkpoint: Path, run_dir: Path, card: dict):
-    from safetensors.torch import load_model as load_weights
+    from runner.model import build_model, load_weights
+    from runner.plan import load_run_config
 
-    from runner import config as configlib
-    from runner.model import build_model
-    from runner.plan import Config
-
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise UserError(f"{config_file} does not exist: the model is rebuilt from the run's config")
-    cfg = configlib.load(Config, str(config_file), [])
+    cfg = load_run_config(run_dir, [])
     model = build_model(cfg.model, tuple(card["in_shape"]), len(card["class_names"]), cfg.data.name)
-    try:
-        load_weights(model, str(checkpoint / "model.safetensors"), device="cpu")
-    except Exception as e:  # safetensors and torch report mismatches with several types
-        raise UserError(f"cannot load {checkpoint / 'model.safetensors'} into model {cfg.model.name} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return model.eval()
+    return load_weights(model, checkpoint, cfg.model.name).eval()
 
 
 def predict(model, files: list[Path], card: dict, top: int, batch_size: int):

@@ -41,7 +41,7 @@ from dataclasses import dataclass  # noqa: E402
 
 import yaml  # noqa: E402
 
-from runner.cli import Command  # noqa: E402
+from runner.cli import Command, is_main_rank  # noqa: E402
 from runner.config import flatten, read_yaml  # noqa: E402
 from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 
@@ -241,7 +241,7 @@ def run(options: dict, overrides: list) -> int:
     if "--task" in options:
         task = task_from(options["--task"], sweep)
         argv = [sys.executable, str(TRAIN), *train_args(sweep, task, config, cli_overrides)]
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_rank():
             print(f"[sweep {sweep.name}] task {task.index}: {shlex.join(argv[1:])}", flush=True)
         os.execv(sys.executable, argv)  # the same process: Slurm's signals reach the run itself
     check_configs(sweep, config, cli_overrides)

@@ -40,11 +40,9 @@ def format_eta(seconds: float) -> str:
 
 
 class RunLog:
-    """`time` in metrics.jsonl counts wall seconds since the run first started, across resumed segments
-    (`time_offset` is what the earlier segments took)."""
+    """`time` in metrics.jsonl counts wall seconds since the run first started, across resumed segments."""
 
-    def __init__(self, accelerator, metrics_file: Path | None, cfg: LogConfig, total_steps: int,
-                 time_offset: float = 0.0):
+    def __init__(self, accelerator, metrics_file: Path | None, cfg: LogConfig, total_steps: int):
         self.acc, self.total_steps = accelerator, total_steps
         self.main = accelerator.is_main_process
         self.bar = None
@@ -55,7 +53,7 @@ class RunLog:
             size = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(total=total_steps, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stdout)
         self.metrics_file = metrics_file
-        self.started = time.time() - time_offset
+        self.started = time.time()
         self.tracker_config: tuple[str, dict] | None = None
 
     def start_trackers(self, run_name: str, config: dict) -> None:
@@ -71,8 +69,10 @@ class RunLog:
         else:
             print(message, flush=True)
 
-    def keep_history_until(self, step: int) -> None:
-        """After a resume, drop records the interrupted run logged past its last checkpoint."""
+    def continue_after(self, step: int, wall_seconds: float) -> None:
+        """After a resume: time goes on from the earlier segments' wall time, and the records the
+        interrupted run logged past its checkpoint are dropped."""
+        self.started = time.time() - wall_seconds
         if not (self.main and self.metrics_file and self.metrics_file.exists()):
             return
         kept = []

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: import this repo's packages, n
 
 from runner import config as configlib  # noqa: E402  (none of these import torch)
 from runner import preemption  # noqa: E402
-from runner.cli import Command  # noqa: E402
+from runner.cli import Command, is_main_rank  # noqa: E402
 from runner.errors import EXIT_PREEMPTED  # noqa: E402
 from runner.plan import Config, Plan  # noqa: E402
 from runner.rundir import RunLock, finished_summary, fingerprint, prepare_run_dir, resolve_run_dir  # noqa: E402
@@ -31,8 +31,9 @@ def train(cfg: Config, config_label: str, started: float) -> int:
     from runner.distributed import launched_world_size
 
     plan = Plan.resolve(cfg, launched_world_size())
-    run_dir, note = resolve_run_dir(cfg.run, config_label, fingerprint(cfg))
-    finished = finished_summary(run_dir, cfg, fingerprint(cfg)) if plan.writes and cfg.resume == "auto" else None
+    experiment = fingerprint(cfg)
+    run_dir, note = resolve_run_dir(cfg.run, config_label, experiment)
+    finished = finished_summary(run_dir, cfg, experiment) if plan.writes and cfg.resume == "auto" else None
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     lock = RunLock(run_dir)
@@ -53,18 +54,16 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
     check_trackers(cfg.log.trackers)
     if cfg.dist.debug:
         dumps = run_dir / "flight_recorder" if plan.writes else Path(tempfile.gettempdir()) / "runner-flight-recorder"
-        enable_debugging(dumps, print if int(os.environ.get("RANK", "0") or 0) == 0 else lambda _: None)
+        enable_debugging(dumps, print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, cfg.log.trackers if plan.writes else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc)
     model, optimizer, scheduler, flops = build_training(cfg, plan, splits, acc)
-    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, print if acc.is_main_process else lambda _: None)
+    log = RunLog(acc, run_dir / "metrics.jsonl" if plan.writes else None, cfg.log, plan.total_steps)
+    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, log.info)
     state, resumed_from = resume(cfg, plan, acc, run_dir, checkpoints, splits, lock)
-    log = RunLog(acc, run_dir / "metrics.jsonl" if plan.writes else None, cfg.log, plan.total_steps,
-                 time_offset=state.wall_seconds)
-    checkpoints.log = log.info
     if resumed_from is not None:
-        log.keep_history_until(state.global_step)
+        log.continue_after(state.global_step, state.wall_seconds)
         log.info(f"resumed from {resumed_from} (epoch {state.epoch + 1}, step {state.global_step})")
     if plan.writes:
         log.start_trackers(run_dir.name, configlib.to_dict(cfg))
@@ -232,7 +231,7 @@ def write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome) -> None
 def print_finished(run_dir: Path, summary: dict) -> int:
     from runner.tracking import summary_table
 
-    if int(os.environ.get("RANK", "0") or 0) == 0:
+    if is_main_rank():
         print(f"{run_dir} has already finished ({summary['stopped']}); nothing to do. Its summary:")
         print(summary_table(summary))
     return 0
