@@ -64,6 +64,7 @@ LAUNCHER_GONE = -1
 
 
 def signal_name() -> str:
+    stop_requested()  # the ranks share a launcher: another rank may have noticed its exit first
     if received == LAUNCHER_GONE:
         return "the exit of its launcher"
     return signal.Signals(received).name if received else "a signal on another rank"
