@@ -19,9 +19,10 @@ from pathlib import Path
 
 from runner.cli import first_line, lost_another_rank
 from runner.config import setting
+from runner.distributed import is_main_rank
 from runner.errors import UserError
-from runner.rundir import FingerprintError, check_fingerprint
-from runner.state import STATE_FILE, RunState, checkpoint_name
+from runner.rundir import FingerprintError, RunDir, check_fingerprint
+from runner.state import STATE_FILE, RunState, checkpoint_name, due
 
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^step_(\d{8})$")
@@ -132,13 +133,22 @@ def link(directory: Path, handle: str, target: str | None) -> None:
 
 
 class Checkpointer:
-    def __init__(self, accelerator, run_dir: Path, cfg: CheckpointConfig, log=print):
+    """Saves, finds and loads the run's checkpoints, and says when one is due. A run that writes nothing
+    has a disabled one: never due, nothing to resume, nothing saved."""
+
+    def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log=print):
         self.accelerator, self.cfg, self.log = accelerator, cfg, log
-        self.dir = run_dir / "checkpoints"
+        self.enabled = run_dir.enabled
+        self.dir = run_dir.checkpoints
+
+    def due(self, step: int, epoch: int, epoch_done: bool) -> bool:
+        if not self.enabled:
+            return False
+        return due(self.cfg.every_steps, self.cfg.every_epochs, step, epoch, epoch_done)
 
     def complete(self) -> list[Path]:
         """Checkpoint directories that were renamed into place, oldest first (not yet verified)."""
-        if not self.dir.is_dir():
+        if not (self.enabled and self.dir.is_dir()):
             return []
         found = [p for p in self.dir.iterdir() if NAME.match(p.name) and not p.is_symlink()
                  and (p / MANIFEST).is_file()]
@@ -146,24 +156,26 @@ class Checkpointer:
 
     def remove_stale_temporaries(self) -> None:
         """A save killed half-way leaves `.tmp-*`; nothing reads them. Main process, run dir locked."""
-        if self.dir.is_dir():
+        if self.enabled and is_main_rank() and self.dir.is_dir():
             for p in self.dir.glob(".tmp-*"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
 
-    def save(self, state: RunState) -> Path:
+    def save(self, state: RunState) -> Path | None:
+        if not self.enabled:
+            return None
         acc = self.accelerator
         name = checkpoint_name(state.global_step)
         final, tmp = self.dir / name, self.dir / f".tmp-{name}"
         if final.exists():  # e.g. a preemption right after a periodic save: the state is the same
             return final
         try:
-            if acc.is_main_process:
+            if is_main_rank():
                 self.dir.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
             acc.wait_for_everyone()
-            if acc.is_main_process:
+            if is_main_rank():
                 self.seal(tmp, final, state)
         except Exception as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own type
             if lost_another_rank(e):
@@ -201,7 +213,7 @@ class Checkpointer:
         """Load the checkpoint to resume from, if any: `auto` takes the newest one that verifies and loads,
         falling back (and saying so) past bad ones; a path or handle must verify and load; `none` starts
         fresh. A checkpoint of another experiment (fingerprint) is refused, never skipped."""
-        if resume == "none":
+        if resume == "none" or not self.enabled:
             return None
         if resume != "auto":
             path = find(resume)
@@ -220,7 +232,7 @@ class Checkpointer:
     def branch_from(self, chosen: Path) -> None:
         """Main process: checkpoints of this run newer than the one resumed from belong to another
         trajectory. Move them aside (kept, never resumed) so that a later resume=auto cannot pick them."""
-        if chosen.resolve().parent != self.dir.resolve():
+        if not is_main_rank() or chosen.resolve().parent != self.dir.resolve():
             return
         later = [p for p in self.dir.iterdir() if NAME.match(p.name) and p.name > chosen.name]
         if not later:

@@ -23,11 +23,6 @@ PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, err
 LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
 
 
-def is_main_rank() -> bool:
-    """Rank 0 of a launch, known from the launcher's environment before any process group exists."""
-    return int(os.environ.get("RANK", "0") or 0) == 0
-
-
 def rank_prefix() -> str:
     """Errors from other ranks say whose they are; the main process speaks plainly."""
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"

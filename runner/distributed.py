@@ -24,6 +24,12 @@ class DistConfig:
     allow_emulated_bf16: bool = False            # run bf16 on a CPU without native bf16 anyway (several x slower)
 
 
+def is_main_rank() -> bool:
+    """Rank 0 of a launch: the one process that writes, prints and talks to trackers. Known from the
+    launcher's environment, so it means the same before and after the process group exists."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def cpu_threads(requested: int, step_flops: float | None = None) -> int:
     """Split the cores between the processes on this host, so N processes do not oversubscribe N cores;
     one thread for a model whose steps are too small to share."""
@@ -90,7 +96,9 @@ def check_launcher_precision(requested: str) -> None:
                         f"add train.mixed_precision={launcher} or launch without it")
 
 
-def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, trackers: list[str]):
+def make_accelerator(cfg: DistConfig, mixed_precision: str, world: int, run_dir: Path | None = None,
+                     trackers: list[str] = ()):
+    """The Accelerator for `world` processes (the launched world size), or one line saying why not."""
     import accelerate.optimizer
     import torch
     from accelerate import Accelerator
@@ -101,7 +109,6 @@ def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, track
     if not hasattr(accelerate.optimizer.is_lomo_available, "cache_info"):
         accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
     check_launcher_precision(mixed_precision)
-    torch.set_num_threads(cpu_threads(cfg.threads))
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if mixed_precision == "bf16" and not torch.cuda.is_available():
         check_cpu_bf16(cfg)
@@ -123,11 +130,12 @@ def make_accelerator(cfg: DistConfig, mixed_precision: str, run_dir: Path, track
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.timeout_s)),
                          # Gradients live in DDP's buckets: one copy fewer per step.
                          DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tracking")),
-        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=run_dir and str(run_dir),
+                                            logging_dir=run_dir and str(run_dir / "tracking")),
+        log_with=list(trackers) or None,
     )
-    if accelerator.num_processes != launched_world_size():
-        raise UserError(f"the launcher asked for {launched_world_size()} processes but only "
+    if accelerator.num_processes != world:
+        raise UserError(f"the launcher asked for {world} processes but only "
                         f"{accelerator.num_processes} joined the process group; each would train on all the "
                         f"data. On a CPU-only host launch with `accelerate launch --multi_gpu "
                         f"--num_processes N` or `torchrun --nproc_per_node N`")

@@ -30,11 +30,14 @@ def evaluate(options: dict, overrides: list) -> int:
     run_dir = run_dir_of(checkpoint)
     cfg = load_run_config(run_dir, overrides)
     check_fingerprint(read_manifest(checkpoint)["fingerprint"], fingerprint(cfg), checkpoint)
-    from runner.distributed import make_accelerator
+    import torch
 
-    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, [])
+    from runner.distributed import cpu_threads, is_main_rank, launched_world_size, make_accelerator
+
+    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, launched_world_size())
+    torch.set_num_threads(cpu_threads(cfg.dist.threads))
     results, class_names, split_name = evaluate_checkpoint(cfg, acc, checkpoint, options.get("--split", "test"))
-    if acc.is_main_process:
+    if is_main_rank():
         report(checkpoint, run_dir, split_name, acc.num_processes, results, class_names)
     acc.end_training()
     return 0

@@ -12,22 +12,25 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from runner import preemption
+from runner.context import RunContext
 from runner.errors import UserError
-from runner.metrics import evaluate_split, per_class
 from runner.optim import l1_penalty
+from runner.state import COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED, RunState
 
-COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED = "completed", "early_stopping", "max_steps", "preempted"
+if TYPE_CHECKING:
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
 
-
-def due(every_steps: int, every_epochs: int, step: int, epoch: int, epoch_done: bool) -> bool:
-    """Whether an event set as "every N steps and/or every N epochs" falls on this optimizer step."""
-    return bool(every_steps and step % every_steps == 0) or bool(epoch_done and every_epochs
-                                                                   and epoch % every_epochs == 0)
+    from runner.batches import DeviceBatches, LoaderBatches
+    from runner.checkpoint import Checkpointer
+    from runner.metrics import Validation
+    from runner.throughput import Throughput
 
 
 @dataclass
@@ -67,35 +70,28 @@ class Agreement:
 
 @dataclass
 class Trainer:
-    plan: object
-    cfg: object
-    acc: object
+    ctx: RunContext
     model: torch.nn.Module
-    optimizer: object
-    scheduler: object
-    batches: object
-    eval_set: object
-    eval_split: str
-    class_names: list[str]
-    make_evaluator: object       # built at the first evaluation: torchmetrics takes seconds to import
-    checkpoints: object
-    log: object
-    state: object
-    speed: object
+    optimizer: AcceleratedOptimizer
+    scheduler: AcceleratedScheduler
+    batches: DeviceBatches | LoaderBatches
+    validation: Validation
+    checkpoints: Checkpointer
+    state: RunState
+    speed: Throughput
+    segment_started: float         # when this process started (time.time())
     skipped_steps: int = 0
-    last_eval: dict = field(default_factory=dict)
-    last_eval_step: int = -1
-    segment_started: float = 0.0   # when this process started (time.time())
     train_loss: float = float("nan")
     stop: str | None = None
+    agreement: Agreement = field(init=False)
+    base_times: tuple[float, float] = field(init=False)
 
     def __post_init__(self):
-        self.agreement = Agreement(self.acc, read_every_step=self.acc.device.type == "cpu")
-        self.evaluator = None
+        self.agreement = Agreement(self.ctx.acc, read_every_step=self.ctx.acc.device.type == "cpu")
         self.base_times = (self.state.train_seconds, self.state.wall_seconds)
 
     def run(self) -> str:
-        plan, state = self.plan, self.state
+        plan, state = self.ctx.plan, self.state
         self.model.train()
         self.speed.start()
         while self.stop is None and not plan.finished(state):
@@ -120,19 +116,19 @@ class Trainer:
 
     def micro_step(self, x, y, last_in_window: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; gradients are synchronised on the window's last one."""
-        cfg = self.cfg
-        with contextlib.nullcontext() if last_in_window else self.acc.no_sync(self.model):
+        cfg, acc = self.ctx.cfg, self.ctx.acc
+        with contextlib.nullcontext() if last_in_window else acc.no_sync(self.model):
             loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
             if cfg.optim.l1:
                 loss = loss + cfg.optim.l1 * l1_penalty(self.model)
-            self.acc.backward(loss / self.plan.accumulation)
+            acc.backward(loss / self.ctx.plan.accumulation)
         return loss.detach()
 
     def close_step(self, window_loss: torch.Tensor) -> None:
         """The window's gradients are complete: step, count, agree, report, and do what falls due."""
-        plan, state, cfg = self.plan, self.state, self.cfg
+        plan, state, cfg = self.ctx.plan, self.state, self.ctx.cfg
         if cfg.train.grad_clip:
-            self.acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.ctx.acc.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.optimizer.zero_grad(set_to_none=True)  # AcceleratedOptimizer's, without its inspect
         if self.optimizer.step_was_skipped:
@@ -142,18 +138,17 @@ class Trainer:
         epoch_done = state.advance(plan.steps_per_epoch)
         self.speed.add_step(plan.global_batch // plan.world)
         self.agreement.start(state.global_step, window_loss, preemption.stop_requested())
-        log_due = state.global_step % cfg.log.every_steps == 0 or state.global_step == plan.total_steps
-        eval_due = due(cfg.eval.every_steps, cfg.eval.every_epochs, state.global_step, state.epoch, epoch_done)
-        save_due = plan.writes and due(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs,
-                                       state.global_step, state.epoch, epoch_done)
+        log_due = self.ctx.log.due(state.global_step)
+        eval_due = self.validation.due(state.global_step, state.epoch, epoch_done)
+        save_due = self.checkpoints.due(state.global_step, state.epoch, epoch_done)
         boundary = log_due or eval_due or save_due or plan.finished(state)
         self.settle(self.agreement.read(everything=boundary))
         if self.stop is not None:  # stopping here: this step's agreement too, so no collective is left pending
             self.settle(self.agreement.read(everything=True))
         self.report(log_due, state.epoch - epoch_done)
         if eval_due and self.evaluate_and_track_best() and cfg.checkpoint.keep_best:
-            save_due = plan.writes
-        if plan.writes and (save_due or self.stop or plan.finished(state)):
+            save_due = True
+        if save_due or self.stop or plan.finished(state):
             self.save()
 
     def settle(self, agreed: list[Agreed]) -> None:
@@ -172,33 +167,27 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if log_due:
             log_window = self.speed.take_window()
-            self.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr,
-                           throughput=log_window)
-        self.log.progress(state.global_step, epoch, self.plan.epochs, self.train_loss, lr, log_window)
+            self.ctx.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr,
+                               throughput=log_window)
+        self.ctx.log.progress(state.global_step, epoch, self.ctx.plan.epochs, self.train_loss, lr, log_window)
 
     def evaluate_and_track_best(self) -> bool:
         """Evaluate on the held-out split; True if the monitored metric improved."""
         self.speed.pause()
-        state, cfg = self.state, self.cfg
-        metrics = self.evaluate(self.eval_set)
-        self.last_eval, self.last_eval_step = metrics, state.global_step
-        self.log.event(state.global_step, state.epoch, self.eval_split, metrics)
-        self.log.info(f"{self.eval_split} step {state.global_step}: accuracy {metrics['accuracy']:.4f} "
-                      f"loss {metrics['loss']:.4f} f1 {metrics['f1']:.4f}")
+        state, cfg, log = self.state, self.ctx.cfg, self.ctx.log
+        metrics = self.validation.held_out(self.model, state.global_step)
+        split = self.validation.split_name
+        log.event(state.global_step, state.epoch, split, metrics)
+        log.info(f"{split} step {state.global_step}: accuracy {metrics['accuracy']:.4f} "
+                 f"loss {metrics['loss']:.4f} f1 {metrics['f1']:.4f}")
         improved = state.record_eval(metrics[cfg.eval.monitor], cfg.eval.mode, cfg.eval.min_delta,
                                      cfg.eval.patience)
         self.speed.start()
         return improved
 
-    def evaluate(self, split) -> dict:
-        if self.evaluator is None:
-            self.evaluator = self.make_evaluator()
-        metrics = evaluate_split(self.evaluator, self.model, self.batches, split, self.acc, self.plan.eval_batch,
-                                 self.plan.eval_samples(len(split)))
-        metrics["per_class"] = per_class(metrics, self.class_names)
-        return metrics
-
     def save(self) -> None:
+        if not self.checkpoints.enabled:
+            return
         self.speed.pause()
         if not all(p.isfinite().all() for p in self.model.parameters()):
             raise UserError(f"non-finite weights after step {self.state.global_step}; stopped without saving")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runner.config import setting
+from runner.state import due
 
 MONITORABLE = ["accuracy", "loss", "top5_accuracy", "precision", "recall", "f1"]
 
@@ -25,6 +26,35 @@ class EvalConfig:
     @property
     def mode(self) -> str:
         return "min" if self.monitor == "loss" else "max"
+
+
+class Validation:
+    """Evaluation of a run: on the held-out split when it is due, and on any split at the end. The
+    torchmetrics evaluator is built at the first evaluation: torchmetrics takes seconds to import."""
+
+    def __init__(self, cfg: EvalConfig, ctx, batches, splits):
+        self.cfg, self.acc, self.plan, self.batches = cfg, ctx.acc, ctx.plan, batches
+        self.split, self.split_name = splits.eval, splits.eval_split
+        self.num_classes, self.class_names = splits.num_classes, splits.class_names
+        self.evaluator: Evaluator | None = None
+        self.last: dict = {}
+        self.last_step = -1
+
+    def due(self, step: int, epoch: int, epoch_done: bool) -> bool:
+        return due(self.cfg.every_steps, self.cfg.every_epochs, step, epoch, epoch_done)
+
+    def held_out(self, model, step: int) -> dict:
+        """The held-out split at this step (remembered: the final evaluation reuses it)."""
+        self.last, self.last_step = self.evaluate(model, self.split), step
+        return self.last
+
+    def evaluate(self, model, split) -> dict:
+        if self.evaluator is None:
+            self.evaluator = Evaluator(self.num_classes, self.acc.device)
+        metrics = evaluate_split(self.evaluator, model, self.batches, split, self.acc, self.plan.eval_batch,
+                                 self.plan.eval_samples(len(split)))
+        metrics["per_class"] = per_class(metrics, self.class_names)
+        return metrics
 
 
 class Evaluator:

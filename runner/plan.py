@@ -1,8 +1,9 @@
 """The plan of a run: every number the stages need, decided once from (config, launched world, data size).
 
 The config says what the user asked for; the plan says what will happen: batch arithmetic, accumulation,
-steps, epochs, evaluation limits, whether anything is written. Nothing writes back into the config, and
-no stage re-derives a number the plan holds. This module does not import torch.
+steps, epochs, evaluation limits. Nothing writes back into the config, and no stage re-derives a number the
+plan holds. Whether anything is written at all is the run directory's to say (runner/rundir.py). This
+module does not import torch.
 """
 from __future__ import annotations
 
@@ -110,7 +111,6 @@ class Plan:
     eval_batch: int
     eval_batch_limit: int         # debug modes: at most this many eval batches per evaluation (0: no limit)
     overfit_samples: int          # train and evaluate on this many samples (0: off)
-    writes: bool                  # fast_dev_run writes nothing: no run directory, checkpoints or trackers
     steps_per_epoch: int = 0      # known once the training set is loaded (for_train_size)
     schedule_steps: int = 0       # what the learning-rate schedule spans: every epoch, whatever max_steps says
     total_steps: int = 0          # what this run will take: max_steps stops it early, like a preemption
@@ -124,7 +124,7 @@ class Plan:
                    accumulation=accumulation, epochs=1 if dev_run else train.epochs, max_steps=train.max_steps,
                    steps_per_epoch_limit=dev_run or train.limit_train_steps, eval_batch=cfg.eval.batch_size,
                    eval_batch_limit=dev_run or train.limit_eval_batches,
-                   overfit_samples=train.overfit_batches * global_batch, writes=not dev_run)
+                   overfit_samples=train.overfit_batches * global_batch)
 
     def for_train_size(self, num_train: int) -> "Plan":
         """Whole global batches only: a partial accumulation window would be under-weighted."""

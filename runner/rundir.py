@@ -1,8 +1,10 @@
-"""The run directory `runs/<name>/`: its name, its lock, the resume policy and the config fingerprint.
+"""The run directory `runs/<name>/`: its name, its lock, the resume policy, the config fingerprint and
+the files a run writes there (config.yaml, data.json, metrics.jsonl, summary.json).
 
 A run directory belongs to one experiment (one fingerprint). Without an explicit `run.name`, a changed
 training config gets the next free name (`digits-2`, ...) rather than an error; with one, it is refused.
 While a run writes to its directory it holds `run.lock`, so that a second launch cannot interleave with it.
+A run that writes nothing (`train.fast_dev_run`) gets a disabled RunDir, which says so and writes nothing.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +22,12 @@ from pathlib import Path
 import yaml
 
 from runner.config import ConfigError, fingerprint_keys, flatten, setting
+from runner.distributed import is_main_rank
 from runner.errors import UserError
 from runner.preemption import slurm_job_id
+from runner.state import FINISHED
 
 LOCK = "run.lock"
-FINISHED = ("completed", "early_stopping", "max_steps")
 
 
 class FingerprintError(UserError):
@@ -89,31 +93,82 @@ def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[P
     raise UserError(f"{root} holds 10,000 runs named {base}-N; set run.name")
 
 
-def finished_summary(run_dir: Path, cfg, current: dict) -> dict | None:
-    """The stored summary of a run that already finished as this same experiment and length (epochs,
-    max_steps), or None. Running it again must change nothing."""
-    if stored_fingerprint(run_dir, current) != current:
-        return None
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(summary, dict) and summary.get("stopped") in FINISHED and summary.get("length") == {
-            "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
-        return summary
-    return None
+class RunDir:
+    """Where a run writes, and whether it writes at all. The main process claims it (lock and resume policy)
+    before anything is written there and releases it at the end; every write goes through it."""
 
+    def __init__(self, path: Path | None, experiment: dict, note: str | None = None):
+        self.path, self.experiment, self.note = path, experiment, note
+        self.enabled = path is not None
+        self.lock = RunLock(path) if self.enabled else None
 
-def prepare_run_dir(run_dir: Path, resume: str, overwrite: bool, has_checkpoints: bool) -> None:
-    """Enforce the resume policy before anything is written. Main process only."""
-    if resume == "none" and has_checkpoints:
-        if not overwrite:
-            raise UserError(f"{run_dir} already holds checkpoints and resume=none; use resume=auto to continue "
-                            f"it, run.overwrite=true to start over, or another run.name")
-        shutil.rmtree(run_dir / "checkpoints")
-        for stale in ("metrics.jsonl", "summary.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def resolve(cls, cfg: RunConfig, config_label: str, experiment: dict, writes: bool) -> "RunDir":
+        if not writes:
+            return cls(None, experiment)
+        path, note = resolve_run_dir(cfg, config_label, experiment)
+        return cls(path, experiment, note)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.enabled else "(fast_dev_run: nothing is written)"
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.enabled else "fast_dev_run"
+
+    @property
+    def metrics_file(self) -> Path | None:
+        return self.path / "metrics.jsonl" if self.enabled else None
+
+    @property
+    def checkpoints(self) -> Path | None:
+        return self.path / "checkpoints" if self.enabled else None
+
+    def scratch(self, name: str) -> Path:
+        """A folder for debugging output: in the run directory, or in the temp dir for a run that writes
+        nothing."""
+        return self.path / name if self.enabled else Path(tempfile.gettempdir()) / f"runner-{name}"
+
+    def finished_summary(self, cfg) -> dict | None:
+        """The stored summary of a run that already finished as this same experiment and length (epochs,
+        max_steps), or None. Running it again must change nothing."""
+        if not self.enabled or cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment) != self.experiment:
+            return None
+        try:
+            summary = json.loads((self.path / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(summary, dict) and summary.get("stopped") in FINISHED and summary.get("length") == {
+                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
+            return summary
+        return None
+
+    def claim(self, resume: str, overwrite: bool, has_checkpoints: bool) -> None:
+        """Main process, before anything is written: take the lock (a second launch on this directory stops
+        here), then enforce the resume policy."""
+        if not (self.enabled and is_main_rank()):
+            return
+        self.lock.acquire()
+        if resume == "none" and has_checkpoints:
+            if not overwrite:
+                raise UserError(f"{self.path} already holds checkpoints and resume=none; use resume=auto to "
+                                f"continue it, run.overwrite=true to start over, or another run.name")
+            shutil.rmtree(self.checkpoints)
+            for stale in ("metrics.jsonl", "summary.json"):
+                (self.path / stale).unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, text: str) -> None:
+        """Main process: replace `name` atomically (a kill -9 leaves the old file or the new, never half)."""
+        if not (self.enabled and is_main_rank()):
+            return
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.path / name)
+
+    def release(self) -> None:
+        if self.enabled:
+            self.lock.release()
 
 
 class RunLock:

@@ -11,6 +11,18 @@ from pathlib import Path
 
 STATE_FILE = "run_state.json"
 
+# How a run segment ended: the loop decides it, summary.json records it, and a run directory whose summary
+# says FINISHED is not run again.
+COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED = "completed", "early_stopping", "max_steps", "preempted"
+FINISHED = (COMPLETED, EARLY_STOPPING, MAX_STEPS)
+
+
+def due(every_steps: int, every_epochs: int, step: int, epoch: int, epoch_done: bool) -> bool:
+    """Whether an event set as "every N steps and/or every N epochs" falls on this optimizer step (`epoch`:
+    epochs completed; `epoch_done`: this step completed one). Each component asks it of its own settings."""
+    return bool(every_steps and step % every_steps == 0) or bool(epoch_done and every_epochs
+                                                                   and epoch % every_epochs == 0)
+
 
 def checkpoint_name(step: int) -> str:
     """The one place that names a checkpoint directory."""

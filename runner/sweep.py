@@ -41,7 +41,8 @@ from dataclasses import dataclass  # noqa: E402
 
 import yaml  # noqa: E402
 
-from runner.cli import Command, is_main_rank  # noqa: E402
+from runner.cli import Command  # noqa: E402
+from runner.distributed import is_main_rank  # noqa: E402
 from runner.config import flatten, read_yaml  # noqa: E402
 from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 

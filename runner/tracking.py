@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.config import ConfigError, flatten, setting
+from runner.distributed import is_main_rank
 
 
 @dataclass
@@ -43,8 +44,8 @@ class RunLog:
     """`time` in metrics.jsonl counts wall seconds since the run first started, across resumed segments."""
 
     def __init__(self, accelerator, metrics_file: Path | None, cfg: LogConfig, total_steps: int):
-        self.acc, self.total_steps = accelerator, total_steps
-        self.main = accelerator.is_main_process
+        self.acc, self.total_steps, self.every_steps = accelerator, total_steps, cfg.every_steps
+        self.main = is_main_rank()
         self.bar = None
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
         if self.main and use_bar:
@@ -55,6 +56,10 @@ class RunLog:
         self.metrics_file = metrics_file
         self.started = time.time()
         self.tracker_config: tuple[str, dict] | None = None
+
+    def due(self, step: int) -> bool:
+        """A train record falls on this step (every log.every_steps, and the last step)."""
+        return step % self.every_steps == 0 or step == self.total_steps
 
     def start_trackers(self, run_name: str, config: dict) -> None:
         """Trackers start with the first record: their imports and writers stay out of the start-up time."""
@@ -149,8 +154,3 @@ def summary_table(summary: dict) -> str:
     lines.append("=" * 64)
     return "\n".join(lines)
 
-
-def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(run_dir / "summary.json")

@@ -8,11 +8,8 @@ Flags: --config PRESET|FILE (default digits), --print-config, --debug (traceback
 The stages of a run, in order: plan, run directory, processes, data, model and optimisation, resume,
 announce, the loop, the preemption exit, the final evaluation and the summary.
 """
-import functools
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,67 +18,69 @@ if __package__ in (None, ""):  # run as a script: import this repo's packages, n
 
 from runner import config as configlib  # noqa: E402  (none of these import torch)
 from runner import preemption  # noqa: E402
-from runner.cli import Command, is_main_rank  # noqa: E402
+from runner.cli import Command  # noqa: E402
+from runner.context import RunContext  # noqa: E402
+from runner.distributed import is_main_rank  # noqa: E402
 from runner.errors import EXIT_PREEMPTED  # noqa: E402
 from runner.plan import Config, Plan  # noqa: E402
-from runner.rundir import RunLock, finished_summary, fingerprint, prepare_run_dir, resolve_run_dir  # noqa: E402
+from runner.rundir import RunDir, fingerprint  # noqa: E402
+from runner.state import PREEMPTED, RunState  # noqa: E402
 
 
 def train(cfg: Config, config_label: str, started: float) -> int:
     from runner.distributed import launched_world_size
 
     plan = Plan.resolve(cfg, launched_world_size())
-    experiment = fingerprint(cfg)
-    run_dir, note = resolve_run_dir(cfg.run, config_label, experiment)
-    finished = finished_summary(run_dir, cfg, experiment) if plan.writes and cfg.resume == "auto" else None
+    run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg), writes=not cfg.train.fast_dev_run)
+    finished = run_dir.finished_summary(cfg)
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
-    lock = RunLock(run_dir)
     try:
-        return train_locked(cfg, plan, run_dir, note, started, lock)
+        return run(cfg, plan, run_dir, started)
     finally:
-        lock.release()
+        run_dir.release()
 
 
-def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, started: float, lock: RunLock) -> int:
+def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     import torch
 
     from runner.checkpoint import Checkpointer
     from runner.distributed import enable_debugging, make_accelerator
-    from runner.loop import PREEMPTED
+    from runner.loop import Trainer
+    from runner.metrics import Validation
+    from runner.throughput import Throughput, device_peak_flops
     from runner.tracking import RunLog, check_trackers
 
     check_trackers(cfg.log.trackers)
     if cfg.dist.debug:
-        dumps = run_dir / "flight_recorder" if plan.writes else Path(tempfile.gettempdir()) / "runner-flight-recorder"
-        enable_debugging(dumps, print if is_main_rank() else lambda _: None)
-    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, run_dir, cfg.log.trackers if plan.writes else [])
+        enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
+    acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
+                           cfg.log.trackers if run_dir.enabled else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc)
-    model, optimizer, scheduler, flops = build_training(cfg, plan, splits, acc)
-    log = RunLog(acc, run_dir / "metrics.jsonl" if plan.writes else None, cfg.log, plan.total_steps)
-    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, log.info)
-    state, resumed_from = resume(cfg, plan, acc, run_dir, checkpoints, splits, lock)
-    if resumed_from is not None:
-        log.continue_after(state.global_step, state.wall_seconds)
-        log.info(f"resumed from {resumed_from} (epoch {state.epoch + 1}, step {state.global_step})")
-    if plan.writes:
-        log.start_trackers(run_dir.name, configlib.to_dict(cfg))
-    announce(log, cfg, plan, acc, run_dir, note, splits, model, flops)
-    trainer = make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, checkpoints, log, state,
-                           flops, started)
+    ctx = RunContext(cfg, plan, acc, run_dir, RunLog(acc, run_dir.metrics_file, cfg.log, plan.total_steps))
+    model, optimizer, scheduler, flops = build_training(ctx, splits)
+    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info)
+    state = resume(ctx, checkpoints, splits)
+    ctx.log.start_trackers(run_dir.name, configlib.to_dict(cfg))
+    announce(ctx, splits, model, flops)
+    speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
+    trainer = Trainer(ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                      validation=Validation(cfg.eval, ctx, batches, splits), checkpoints=checkpoints,
+                      state=state, speed=speed, segment_started=started)
     outcome = trainer.run()
     if outcome == PREEMPTED:
-        return preempted_exit(cfg, plan, acc, log, state)
+        return preempted_exit(ctx, checkpoints, state)
     final = final_evaluation(trainer, splits)
-    write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome)
+    write_summary(ctx, trainer, final, outcome)
     acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
     acc.end_training()
     return 0
 
 
 def load_data(cfg: Config, plan: Plan, acc):
-    """The splits (overfit mode trains and evaluates on a few batches, unaugmented) and the batch source."""
+    """The splits (overfit mode trains and evaluates on a few batches, unaugmented), the batch source, and
+    the plan completed with the training set's size."""
     from runner.batches import make_batches
     from runner.data import load_splits
     from runner.distributed import check_world_fits
@@ -100,8 +99,9 @@ def load_data(cfg: Config, plan: Plan, acc):
     return splits, batches, plan
 
 
-def build_training(cfg: Config, plan: Plan, splits, acc):
-    """Model (checked against the data), optimizer and schedule, prepared by Accelerate; FLOPs per sample."""
+def build_training(ctx: RunContext, splits):
+    """Model (checked against the data), optimizer and schedule, prepared by Accelerate; FLOPs per sample.
+    CPU threads are decided here, once: how many pay off depends on the model's work per micro-step."""
     import torch
 
     from runner.distributed import cpu_threads
@@ -109,6 +109,7 @@ def build_training(cfg: Config, plan: Plan, splits, acc):
     from runner.optim import build_optimizer
     from runner.schedule import build_scheduler
 
+    cfg, plan = ctx.cfg, ctx.plan
     model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
     flops = flops_per_sample(model, splits.in_shape)
     torch.set_num_threads(cpu_threads(cfg.dist.threads, flops * plan.micro_batch))
@@ -118,117 +119,105 @@ def build_training(cfg: Config, plan: Plan, splits, acc):
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.schedule_steps, plan.steps_per_epoch)
     if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
         model = torch.compile(model)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = ctx.acc.prepare(model, optimizer, scheduler)
     return model, optimizer, scheduler, flops
 
 
-def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits, lock: RunLock):
-    """Take the run directory's lock, enforce the resume policy, load the checkpoint to continue from (if
-    any), and write config.yaml and data.json. Returns (run state, checkpoint resumed from or None)."""
+def resume(ctx: RunContext, checkpoints, splits) -> RunState:
+    """Claim the run directory (lock and resume policy), load the checkpoint to continue from, if any, and
+    record config.yaml and data.json. Returns the run state to continue from."""
     from runner.data import data_card
-    from runner.state import RunState
 
-    state = RunState(fingerprint=fingerprint(cfg))
-    if not plan.writes:
-        return state, None
-    if acc.is_main_process:
-        lock.acquire()  # before anything is written: a second launch on this directory stops here
-        prepare_run_dir(run_dir, cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
-        checkpoints.remove_stale_temporaries()
+    cfg, acc, run_dir = ctx.cfg, ctx.acc, ctx.run_dir
+    run_dir.claim(cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
+    checkpoints.remove_stale_temporaries()
     acc.wait_for_everyone()
-    resumed = checkpoints.resume(cfg.resume, state.fingerprint)
+    resumed = checkpoints.resume(cfg.resume, run_dir.experiment)
     acc.wait_for_everyone()  # every rank has read the checkpoint before any file is moved
-    if resumed is not None and acc.is_main_process:
+    if resumed is not None:
         checkpoints.branch_from(resumed[0])
-    if acc.is_main_process:
-        (run_dir / "config.yaml").write_text(configlib.dump(cfg))
-        (run_dir / "data.json").write_text(json.dumps(data_card(splits), indent=1))
+    run_dir.write("config.yaml", configlib.dump(cfg))
+    run_dir.write("data.json", json.dumps(data_card(splits), indent=1))
     if resumed is None:
-        return state, None
-    resumed[1].segments += 1
-    return resumed[1], resumed[0]
+        return RunState(fingerprint=run_dir.experiment)
+    path, state = resumed
+    state.segments += 1
+    ctx.log.continue_after(state.global_step, state.wall_seconds)
+    ctx.log.info(f"resumed from {path} (epoch {state.epoch + 1}, step {state.global_step})")
+    return state
 
 
-def announce(log, cfg: Config, plan: Plan, acc, run_dir: Path, note: str | None, splits, model, flops) -> None:
+def announce(ctx: RunContext, splits, model, flops: float) -> None:
     from runner.distributed import communication_note
     from runner.model import parameter_count
 
-    if note:
-        log.info(note)
+    cfg, plan, log = ctx.cfg, ctx.plan, ctx.log
+    if ctx.run_dir.note:
+        log.info(ctx.run_dir.note)
     test = f", test {len(splits.test)}" if splits.eval_split != "test" else ""
-    log.info(f"run {run_dir if plan.writes else '(fast_dev_run: nothing is written)'} | world {plan.world} x "
-             f"{acc.device.type} | precision {cfg.train.mixed_precision} | micro {plan.micro_batch} x accumulation "
-             f"{plan.accumulation} x world {plan.world} = global {plan.global_batch}\n"
+    log.info(f"run {ctx.run_dir} | world {plan.world} x {ctx.acc.device.type} | precision "
+             f"{cfg.train.mixed_precision} | micro {plan.micro_batch} x accumulation {plan.accumulation} x world "
+             f"{plan.world} = global {plan.global_batch}\n"
              f"data {cfg.data.name} ({cfg.data.loader} path{', ' + splits.description if splits.description else ''}"
-             f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: {parameter_count(model):,} parameters, "
-             f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | {plan.total_steps} steps")
-    advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), acc.device)
+             f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: "
+             f"{parameter_count(model):,} parameters, {flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | "
+             f"{plan.total_steps} steps")
+    advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), ctx.acc.device)
     if advice:
         log.info(advice)
 
 
-def make_trainer(cfg, plan, acc, model, optimizer, scheduler, batches, splits, checkpoints, log, state, flops,
-                 started: float):
-    from runner.loop import Trainer
-    from runner.metrics import Evaluator
-    from runner.throughput import Throughput, device_peak_flops
-
-    speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
-    return Trainer(plan, cfg, acc, model, optimizer, scheduler, batches, splits.eval, splits.eval_split,
-                   splits.class_names, functools.partial(Evaluator, splits.num_classes, acc.device), checkpoints,
-                   log, state, speed, segment_started=started)
-
-
-def preempted_exit(cfg: Config, plan: Plan, acc, log, state) -> int:
+def preempted_exit(ctx: RunContext, checkpoints, state: RunState) -> int:
     """Exit so the job can be requeued or restarted (exit 75)."""
-    saved = "checkpoint saved" if plan.writes else "nothing saved (fast_dev_run)"
-    log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: {saved}")
-    log.close()
-    if acc.is_main_process and plan.writes and cfg.run.requeue and preemption.should_requeue():
-        preemption.requeue_slurm_job(log.info)
-    acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
-    acc.end_training()
+    saved = "checkpoint saved" if checkpoints.enabled else "nothing saved (fast_dev_run)"
+    ctx.log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: {saved}")
+    ctx.log.close()
+    if is_main_rank() and checkpoints.enabled and ctx.cfg.run.requeue and preemption.should_requeue():
+        preemption.requeue_slurm_job(ctx.log.info)
+    ctx.acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
+    ctx.acc.end_training()
     return EXIT_PREEMPTED
 
 
 def final_evaluation(trainer, splits) -> dict:
     """The held-out split (reusing an evaluation of this very step), then test once, at the end."""
-    at_this_step = trainer.last_eval_step == trainer.state.global_step
-    final = {splits.eval_split: trainer.last_eval if at_this_step else trainer.evaluate(splits.eval)}
+    validation, state = trainer.validation, trainer.state
+    at_this_step = validation.last_step == state.global_step
+    final = {splits.eval_split: validation.last if at_this_step else validation.evaluate(trainer.model, splits.eval)}
     if splits.eval_split == "val":
-        final["test"] = trainer.evaluate(splits.test)
+        final["test"] = validation.evaluate(trainer.model, splits.test)
     for split, metrics in final.items():
-        trainer.log.event(trainer.state.global_step, trainer.state.epoch, f"final_{split}", metrics)
+        trainer.ctx.log.event(state.global_step, state.epoch, f"final_{split}", metrics)
     return final
 
 
-def write_summary(cfg, plan, acc, log, run_dir, trainer, final, outcome) -> None:
-    from runner.tracking import summary_table, write_summary as write
+def write_summary(ctx: RunContext, trainer, final: dict, outcome: str) -> None:
+    from runner.tracking import summary_table
 
+    cfg, plan, run_dir = ctx.cfg, ctx.plan, ctx.run_dir
     state, speed = trainer.state, trainer.speed
     train_seconds, wall_seconds = trainer.times()
     summary = {
         "run": str(run_dir), "stopped": outcome, "steps": state.global_step, "epochs_completed": state.epoch,
         "world_size": plan.world, "global_batch_size": plan.global_batch, "final": final,
         "length": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
-        "best": {"split": trainer.eval_split, "metric": cfg.eval.monitor, "value": state.best_metric,
-                 "step": state.best_step, "checkpoint": state.best_checkpoint},
+        "best": {"split": trainer.validation.split_name, "metric": cfg.eval.monitor, "value": state.best_metric,
+                 "step": state.best_step, "checkpoint": state.best_checkpoint if trainer.checkpoints.enabled else None},
         # Over all segments (a resumed run has several), and for this one.
         "wall_seconds": wall_seconds, "train_seconds": train_seconds, "segments": state.segments,
         "segment_wall_seconds": time.time() - trainer.segment_started, "segment_train_seconds": speed.total["seconds"],
         "startup_seconds": speed.startup_seconds(trainer.segment_started),
         "throughput": speed.summary(), "skipped_steps": trainer.skipped_steps,
     }
-    log.close()
-    log.info(summary_table(summary))
-    if acc.is_main_process and plan.writes:
-        write(run_dir, summary)
-        if cfg.log.plot:
-            from runner.plot import plot_run
-            plot_run(run_dir)
+    ctx.log.close()
+    ctx.log.info(summary_table(summary))
+    run_dir.write("summary.json", json.dumps(summary, indent=1))
+    if cfg.log.plot and run_dir.enabled and is_main_rank():
+        from runner.plot import plot_run
+        plot_run(run_dir.path)
 
 
-def print_finished(run_dir: Path, summary: dict) -> int:
+def print_finished(run_dir: RunDir, summary: dict) -> int:
     from runner.tracking import summary_table
 
     if is_main_rank():
