@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from runner.config import ConfigError, fingerprint_keys, flatten, setting
-from runner.errors import UserError
+from runner.config import fingerprint_keys, flatten
+from runner.errors import ConfigError, UserError
 from runner.preemption import slurm_job_id
 
 LOCK = "run.lock"
