@@ -15,7 +15,7 @@ from torch import nn
 from models.cnn import SimpleCNN
 from models.linear import LinearClassifier
 from models.resnet9 import ResNet9
-from runner.config import clip, shown
+from runner.errors import first_line, shown
 from runner.model import USER_MODEL  # one pattern for the config check and the import
 
 REGISTRY: dict[str, type[nn.Module]] = {
@@ -50,10 +50,6 @@ def resolve(name: str) -> type[nn.Module]:
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise ModelNameError(f"model.name={shown(name)} is not a torch.nn.Module class")
     return cls
-
-
-def first_line(error: BaseException) -> str:
-    return clip(str(error).strip().split("\n")[0])
 
 
 def create(name: str, kwargs: dict, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:

@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.cli import first_line, lost_another_rank
 from runner.config import setting
 from runner.distributed import is_main_rank
-from runner.errors import UserError
+from runner.errors import UserError, first_line, lost_another_rank
 from runner.rundir import FingerprintError, RunDir, check_fingerprint
 from runner.state import STATE_FILE, RunState, checkpoint_name, due
 

@@ -11,16 +11,15 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
-from runner.config import parse_command_line
-from runner.errors import EXIT_LOST_RANK, EXIT_USER_ERROR, UserError
+from runner.errors import (EXIT_LOST_RANK, EXIT_USER_ERROR, ConfigError, UserError, cut_middle, first_line,
+                           lost_another_rank, shown)
 
 # errno values that mean "the disk or its permissions", which the user can fix: exit 2, not a traceback.
 DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM)
 # A path that cannot be a file the user meant: a bad name, not a bug.
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENOENT)
-LOST_PEER_SIGNS = ("Connection closed by peer", "Connection reset", "Timed out", "timed out", "Broken pipe")
 
 
 def rank_prefix() -> str:
@@ -29,28 +28,48 @@ def rank_prefix() -> str:
     return f"[rank {rank}] " if rank not in ("", "0") else ""
 
 
-MAX_ERROR_CHARS = 1000
-
-
 def say_error(message: str) -> None:
     """One line, whatever the message holds: newlines escaped, the middle of a huge one cut out."""
-    line = message.replace("\r", "\\r").replace("\n", "\\n")
-    if len(line) > MAX_ERROR_CHARS:
-        line = line[:MAX_ERROR_CHARS // 2] + " [...] " + line[-MAX_ERROR_CHARS // 2:]
+    line = cut_middle(message.replace("\r", "\\r").replace("\n", "\\n"))
     print(f"error: {rank_prefix()}{line}", file=sys.stderr, flush=True)
 
 
-def lost_another_rank(error: BaseException) -> bool:
-    """A collective failed because a peer died or stalled (only once a process group exists)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return False
-    return isinstance(error, torch.distributed.DistError) or any(s in str(error) for s in LOST_PEER_SIGNS)
+def parse_command_line(argv: list[str], flags: dict[str, str],
+                       positional: bool = False) -> tuple[dict, list[tuple[str, str]]]:
+    """Split argv into known `--flags` and `section.key=value` overrides (also `--section.key value`).
 
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
+    `flags` maps each flag to "value" (takes an argument) or "switch". With `positional`, other bare
+    arguments (paths) are collected in options["args"].
+    """
+    options: dict[str, Any] = {"args": []} if positional else {}
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            if flags[name] == "switch":
+                options[name] = True
+            elif "=" in arg:
+                options[name] = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                i += 1
+                options[name] = argv[i]
+            else:
+                raise ConfigError(f"{name} needs a value")
+        elif "=" in arg:
+            key, text = arg.split("=", 1)
+            overrides.append((key.lstrip("-"), text))
+        elif arg.startswith("--") and i + 1 < len(argv):
+            overrides.append((arg[2:], argv[i + 1]))
+            i += 1
+        elif positional and not arg.startswith("-"):
+            options["args"].append(arg)
+        else:
+            raise ConfigError(f"cannot parse argument {shown(arg)}: expected section.key=value or one of "
+                              f"{', '.join(sorted(flags))}")
+        i += 1
+    return options, overrides
 
 
 @dataclass

@@ -23,11 +23,15 @@ import json  # noqa: E402
 import math  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # headless: no display on clusters
+import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from runner.cli import Command  # noqa: E402
 from runner.config import flatten  # noqa: E402
-from runner.errors import UserError  # noqa: E402
+from runner.errors import UserError, first_line  # noqa: E402
 
 RUN_FILES = ("config.yaml", "metrics.jsonl")
 NOT_COMPARED = ("run.name",)  # differs by construction; the row's label already says it
@@ -110,7 +114,7 @@ def read_run(path: Path) -> Run:
         try:
             raw = yaml.safe_load((path / "config.yaml").read_text())
         except yaml.YAMLError as e:
-            raise UserError(f"{path / 'config.yaml'} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"{path / 'config.yaml'} is not valid YAML: {first_line(e)}") from None
         config = flatten(raw) if isinstance(raw, dict) else {}
     return Run(path, config, read_records(path / "metrics.jsonl"), read_summary(path / "summary.json"))
 
@@ -145,12 +149,6 @@ def final_metrics(run: Run) -> tuple[str, dict]:
     return split, final.get(split) or {}
 
 
-def wall_seconds(summary: dict | None):
-    if not summary:
-        return None
-    return summary.get("wall_seconds", (summary.get("time") or {}).get("wall_seconds"))
-
-
 def images_per_second(run: Run):
     if run.summary:
         return (run.summary.get("throughput") or {}).get("img_per_s")
@@ -171,7 +169,7 @@ def build_row(run: Run, metric: str, keys: list[str]) -> dict:
     row["final loss"] = final.get("loss")
     row["steps"] = summary.get("steps", train[-1]["step"] if train else (run.records[-1]["step"] if run.records else 0))
     row["epochs"] = summary.get("epochs_completed", train[-1].get("epoch") if train else None)
-    row["wall s"] = wall_seconds(run.summary)
+    row["wall s"] = summary.get("wall_seconds")
     row["img/s"] = images_per_second(run)
     return row
 
@@ -215,11 +213,6 @@ def csv_text(rows: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------- the plot
 
 def plot(runs: list[Run], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: no display on clusters
-    import matplotlib.pyplot as plt
-
     fig, (accuracy, loss) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for i, run in enumerate(runs):
         label = run.name if run.summary else f"{run.name} (incomplete)"

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner.config import ConfigError, setting
+from runner.config import setting
+from runner.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset

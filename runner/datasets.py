@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from runner.config import clip, not_a_regular_file
-from runner.errors import UserError
+from runner.errors import UserError, clip
+from runner.yaml_files import not_a_regular_file
 
 NUM_CLASSES = 10
 # Per-channel mean/std of the training images; digits and synthetic compute theirs at load time.

@@ -32,17 +32,23 @@ STARTED = time.monotonic()  # --timeout counts from here, before the slow import
 if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import platform  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from datetime import timedelta  # noqa: E402
 
 from runner.cli import Command  # noqa: E402
-from runner.errors import EXIT_LOST_RANK, UserError  # noqa: E402
+from runner.errors import EXIT_LOST_RANK, UserError, first_line  # noqa: E402
+
+# torch is imported inside the functions that use it: `--help` and bad flags are answered without it, and
+# run() sets TORCH_CPP_LOG_LEVEL and arms the watchdog before torch loads.
 
 EXIT_CHECK_FAILED = 1
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_STEP_ID", "SLURM_PROCID",
@@ -119,9 +125,6 @@ def use_gpu(backend: str) -> bool:
 
 
 def versions(gpu: bool) -> dict:
-    import importlib.metadata
-    import platform
-
     import torch
 
     nccl = "-"
@@ -196,8 +199,6 @@ class Verdict(Exception):
 def connect_store(launch: Launch, host: bool, seconds: float, unreachable: str):
     """The check-in store: rank 0 hosts it at MASTER_ADDR:MASTER_PORT, unless a torchrun agent already
     serves there (then every rank is a client), as torch's own env:// rendezvous does."""
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     try:
@@ -211,11 +212,6 @@ def connect_store(launch: Launch, host: bool, seconds: float, unreachable: str):
         raise Verdict(EXIT_LOST_RANK, unreachable) from None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"runner-doctor/{attempt}/", store)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def wait_for_master(launch: Launch, deadline: float) -> float | None:
@@ -257,8 +253,6 @@ def announce(store, verdict: dict, joined: int, seconds: float = 5.0) -> None:
 
 
 def await_verdict(store, rank: int) -> dict:
-    from datetime import timedelta
-
     try:
         store.wait(["verdict"], timedelta(days=1))  # the watchdog bounds this wait
         verdict = json.loads(store.get("verdict"))
@@ -553,8 +547,6 @@ def run(options: dict, overrides: list) -> int:
 
 def diagnose(launch: Launch, backend: str, timeout: float, max_size: int, iterations: int,
              watchdog: Watchdog) -> int:
-    from datetime import timedelta
-
     import torch
     import torch.distributed as dist
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from runner.datasets import DataError
+from runner.errors import first_line
 
 if TYPE_CHECKING:
     import torch
@@ -121,8 +122,7 @@ def scan(root: Path) -> FolderScan:
 # ---------------------------------------------------------------------------------------------- decoding
 
 def open_error(path, e: Exception) -> DataError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return DataError(f"{path} is corrupt, truncated or not an image ({reason})")
+    return DataError(f"{path} is corrupt, truncated or not an image ({first_line(e)})")
 
 
 def decode_image(path, channels: int, size: tuple[int, int]) -> np.ndarray:

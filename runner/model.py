@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from runner.config import ConfigError, setting, shown
-from runner.errors import UserError
+from runner.config import setting
+from runner.errors import ConfigError, UserError, first_line, shown
 
 if TYPE_CHECKING:
     from torch import nn
@@ -56,7 +56,7 @@ def load_weights(model: nn.Module, checkpoint, name: str) -> nn.Module:
         load_model(model, str(checkpoint / "model.safetensors"), device="cpu")
     except Exception as e:  # safetensors and torch report mismatches with several types
         raise UserError(f"cannot load {checkpoint / 'model.safetensors'} into model {name} "
-                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                        f"({first_line(e)})") from None
     return model
 
 
@@ -70,9 +70,8 @@ def check_fits(model: nn.Module, name: str, in_shape, num_classes: int, data_nam
         with torch.no_grad():
             out = probe(torch.zeros(2, *in_shape))
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"model {name} does not accept {data_name} images of shape {shape} "
-                        f"({reason})") from None
+                        f"({first_line(e)})") from None
     if tuple(out.shape) != (2, num_classes):
         raise UserError(f"model {name} outputs shape {tuple(out.shape[1:])} per image, but {data_name} has "
                         f"{num_classes} classes: expected ({num_classes},)")

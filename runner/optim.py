@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from runner.config import ConfigError, setting
+from runner.config import setting
+from runner.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

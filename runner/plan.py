@@ -11,10 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from runner.checkpoint import CheckpointConfig
-from runner.config import ConfigError, setting
+from runner.config import setting
 from runner.data import DataConfig
 from runner.distributed import DistConfig
-from runner.errors import UserError
+from runner.errors import ConfigError, UserError
 from runner.metrics import EvalConfig
 from runner.model import ModelConfig
 from runner.optim import OptimConfig

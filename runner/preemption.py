@@ -1,8 +1,11 @@
-"""Preemption: SIGUSR1/SIGTERM set a flag; the loop saves and exits at the next optimizer-step boundary.
+"""Preemption: SIGUSR1/SIGTERM (or the loss of the launcher) set a flag; all ranks save and exit together.
 
 The handler only sets a flag, because saving inside a handler races with the step in progress. The loop
-sums the flag over ranks in the all-reduce it already makes at every optimizer step, so every rank stops
-at the same step and none is left blocked in a collective. A second signal exits at once.
+(runner/loop.py) sends the flag with the step's loss in an all-reduce it starts without waiting, and reads
+the sum one step later (on GPUs: at the next log, eval or save boundary). Every rank reads the same sum at
+the same step, so all stop at that step and save the same checkpoint, and none is left blocked in a
+collective. A second signal exits at once (the same signal delivered twice within DUPLICATE_WINDOW_S counts
+once).
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from runner.config import ConfigError, fingerprint_keys, flatten, setting
+from runner.config import fingerprint_keys, flatten
 from runner.distributed import is_main_rank
-from runner.errors import UserError
+from runner.errors import ConfigError, UserError
 from runner.preemption import slurm_job_id
 from runner.state import FINISHED
 

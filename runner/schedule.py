@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from runner.config import ConfigError, setting
+from runner.config import setting
+from runner.errors import ConfigError
 
 NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
 

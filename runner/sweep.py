@@ -42,9 +42,11 @@ from dataclasses import dataclass  # noqa: E402
 import yaml  # noqa: E402
 
 from runner.cli import Command  # noqa: E402
+from runner.config import flatten, load  # noqa: E402
 from runner.distributed import is_main_rank  # noqa: E402
-from runner.config import flatten, read_yaml  # noqa: E402
 from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from runner.plan import Config  # noqa: E402
+from runner.yaml_files import read_yaml  # noqa: E402
 
 TRAIN = Path(__file__).resolve().parent / "train.py"
 SBATCH = "slurm/sweep.sbatch"
@@ -170,16 +172,10 @@ def train_args(sweep: Sweep, task: Task, config: str | None, cli_overrides: list
 
 def check_configs(sweep: Sweep, config: str | None, cli_overrides: list) -> None:
     """Build every task's config as runner/train.py will, so that a typo stops the sweep before any run."""
-    from runner import config as configlib
-    try:
-        from runner.plan import Config
-    except ImportError:  # before the config moved out of train.py
-        from runner.train import Config
-
     for task in sweep.tasks:
         overrides = [tuple(a.split("=", 1)) for a in train_args(sweep, task, None, cli_overrides)]
         try:
-            configlib.load(Config, config or "digits", overrides)
+            load(Config, config or "digits", overrides)
         except UserError as e:
             raise UserError(f"sweep {sweep.path}, task {task.index} ({task.name}): {e}") from None
 

@@ -12,8 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.config import ConfigError, flatten, setting
+from tqdm import tqdm
+
+from runner.config import flatten, setting
 from runner.distributed import is_main_rank
+from runner.errors import ConfigError
+
+# Accelerate's tracking is imported inside check_trackers: it pulls in torch, which --help and config errors
+# never load.
 
 
 @dataclass
@@ -26,7 +32,7 @@ class LogConfig:
 
 
 def check_trackers(names: list[str]) -> None:
-    """Against Accelerate's own list (imported only when a run starts: it pulls in torch)."""
+    """Against Accelerate's own list."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     unknown = [t for t in names if t not in LOGGER_TYPE_TO_CLASS]
@@ -49,7 +55,6 @@ class RunLog:
         self.bar = None
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
         if self.main and use_bar:
-            from tqdm import tqdm
             # A terminal that reports a 0x0 size (a fresh pty) would hide the bar: fall back to 100x20.
             size = shutil.get_terminal_size((100, 20))
             self.bar = tqdm(total=total_steps, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stdout)
@@ -101,8 +106,7 @@ class RunLog:
             self.acc.init_trackers(*self.tracker_config)
             self.tracker_config = None
         scalars = {f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-        for group in ("throughput",):
-            scalars.update({f"{group}/{k}": v for k, v in (extra.get(group) or {}).items()})
+        scalars.update({f"throughput/{k}": v for k, v in (extra.get("throughput") or {}).items()})
         if "lr" in extra:
             scalars["train/lr"] = extra["lr"]
         for name, by_class in (metrics.get("per_class") or {}).items():
@@ -132,10 +136,9 @@ class RunLog:
 
 
 def summary_table(summary: dict) -> str:
-    times = summary
     lines = ["", "=" * 64, f"run {summary['run']}: {summary['stopped']} after {summary['steps']} steps "
-             f"({summary['epochs_completed']} epochs) in {times['wall_seconds']:.1f} s"
-             + (f" ({times['segment_wall_seconds']:.1f} s in this segment)" if times["segments"] > 1 else "")]
+             f"({summary['epochs_completed']} epochs) in {summary['wall_seconds']:.1f} s"
+             + (f" ({summary['segment_wall_seconds']:.1f} s in this segment)" if summary["segments"] > 1 else "")]
     for split, metrics in summary["final"].items():
         lines.append(f"  {split:<5} accuracy {100 * metrics['accuracy']:6.2f}%   top5 "
                      f"{100 * metrics['top5_accuracy']:6.2f}%   f1 {metrics['f1']:.4f}   loss {metrics['loss']:.4f}"
@@ -148,7 +151,7 @@ def summary_table(summary: dict) -> str:
     lines.append(f"  speed {t['img_per_s']:,.0f} img/s ({t['img_per_s_per_device']:,.0f} per device), "
                  f"step {t['step_time_ms']:.1f} ms, data wait {100 * t['data_wait_fraction']:.0f}%, "
                  f"peak memory {t['peak_memory_mb']:,.0f} MB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
-                 + f"; start-up {times['startup_seconds']:.1f} s")
+                 + f"; start-up {summary['startup_seconds']:.1f} s")
     if summary.get("skipped_steps"):
         lines.append(f"  fp16  {summary['skipped_steps']} optimizer steps skipped by the GradScaler (overflow)")
     lines.append("=" * 64)

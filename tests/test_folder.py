@@ -271,7 +271,7 @@ def test_corrupt_image_stops_training(train_main, images):
 
 @pytest.mark.parametrize("name", ["digits", "synthetic"])
 def test_data_root_for_a_dataset_that_reads_no_files(name, tmp_path):
-    from runner.config import ConfigError
+    from runner.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"data.root={tmp_path}.*data.name={name} reads no files"):
         DataConfig(name=name, root=str(tmp_path)).validate()
@@ -279,7 +279,7 @@ def test_data_root_for_a_dataset_that_reads_no_files(name, tmp_path):
 
 
 def test_folder_settings_are_refused_for_other_datasets():
-    from runner.config import ConfigError
+    from runner.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"data.image_size=\[8, 8\] applies to data.name=folder only"):
         DataConfig(name="mnist", image_size=[8, 8]).validate()
