@@ -70,9 +70,9 @@ def compute_bound(workload: Workload, seconds: float, fast: bool = False) -> flo
 
 def plain_loop(workload: Workload, folder: Path, seconds: float) -> float:
     """The runner's device data path, driven by a hand-written loop."""
-    from runner.batches import DeviceBatches, Normalise
-    from runner.datasets import NORMALISATION
-    from runner.order import TrainOrder
+    from runner.data.batches import DeviceBatches, Normalise
+    from runner.data.datasets import NORMALISATION
+    from runner.data.order import TrainOrder
 
     split = workload.load_train_split(folder)
     pad, flip = augmentation(workload)
@@ -89,7 +89,7 @@ def tutorial_loop(workload: Workload, folder: Path, seconds: float) -> float:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from runner.datasets import NORMALISATION, cifar10_class
+    from runner.data.datasets import NORMALISATION, cifar10_class
 
     pad, flip = augmentation(workload)
     augment = [transforms.RandomCrop(32, padding=pad), transforms.RandomHorizontalFlip()] if flip else []

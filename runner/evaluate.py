@@ -41,11 +41,11 @@ def evaluate(options: dict, overrides: list) -> int:
 
 
 def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
-    from runner.batches import make_batches
-    from runner.data import load_splits
+    from runner.data.batches import make_batches
+    from runner.data.order import TrainOrder
+    from runner.data.splits import load_splits
     from runner.metrics import Evaluator, evaluate_split, per_class
     from runner.model import build_model, load_weights
-    from runner.order import TrainOrder
 
     splits = load_splits(cfg.data, cfg.train.seed)
     split = {"test": splits.test, splits.eval_split: splits.eval}.get(split_name)

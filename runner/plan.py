@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from runner.checkpoint import CheckpointConfig
 from runner.config import ConfigError, setting
-from runner.data import DataConfig
+from runner.data.splits import DataConfig
 from runner.distributed import DistConfig
 from runner.errors import UserError
 from runner.metrics import EvalConfig

@@ -82,10 +82,10 @@ def train_locked(cfg: Config, plan: Plan, run_dir: Path, note: str | None, start
 
 def load_data(cfg: Config, plan: Plan, acc):
     """The splits (overfit mode trains and evaluates on a few batches, unaugmented) and the batch source."""
-    from runner.batches import make_batches
-    from runner.data import load_splits
+    from runner.data.batches import make_batches
+    from runner.data.order import TrainOrder
+    from runner.data.splits import load_splits
     from runner.distributed import check_world_fits
-    from runner.order import TrainOrder
 
     with acc.main_process_first():  # a download or a cache build, if any, happens once
         splits = load_splits(cfg.data, cfg.train.seed)
@@ -125,7 +125,7 @@ def build_training(cfg: Config, plan: Plan, splits, acc):
 def resume(cfg: Config, plan: Plan, acc, run_dir: Path, checkpoints, splits, lock: RunLock):
     """Take the run directory's lock, enforce the resume policy, load the checkpoint to continue from (if
     any), and write config.yaml and data.json. Returns (run state, checkpoint resumed from or None)."""
-    from runner.data import data_card
+    from runner.data.splits import data_card
     from runner.state import RunState
 
     state = RunState(fingerprint=fingerprint(cfg))

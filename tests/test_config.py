@@ -6,9 +6,9 @@ import torch
 import yaml
 
 import models
-from runner import data as datalib
 from runner import optim as optimlib
 from runner import schedule as schedulelib
+from runner.data import splits as datalib
 
 
 def error_line(result) -> str:

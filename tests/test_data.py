@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from runner.batches import DeviceBatches, Normalise
-from runner.data import DataConfig, load_splits
-from runner.order import TrainOrder, shard_range
-from runner.datasets import ImageSet
+from runner.data.batches import DeviceBatches, Normalise
+from runner.data.datasets import ImageSet
+from runner.data.order import TrainOrder, shard_range
+from runner.data.splits import DataConfig, load_splits
 from tests.conftest import QUIET
 from tests.test_config import error_line
 from tests.util import read_jsonl, summary
@@ -388,7 +388,7 @@ def test_top5_accuracy_is_not_merged_with_top1():
 
 
 def test_per_sample_bits_match_the_batched_ones():
-    from runner.order import sample_bits, sample_bits_one
+    from runner.data.order import sample_bits, sample_bits_one
 
     index = torch.tensor([0, 1, 7, 49_999, 1 << 20])
     for seed, epoch in ((0, 0), (3, 11), (12345, 2)):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist
 
-from runner.order import TrainOrder, shard_range
+from runner.data.order import TrainOrder, shard_range
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""How a step's samples reach the device. Two paths deliver the same batches (runner/order.py decides which):
+"""How a step's samples reach the device. Two paths deliver the same batches (order.py decides which samples):
 
 - `device` (default for in-memory datasets): the uint8 dataset sits on the device once; each micro-step
   gathers its indices, crops/flips the whole batch in one gather and normalises it there.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from runner import datasets
-from runner.data import DataConfig, Splits
-from runner.datasets import ImageSet
-from runner.order import TrainOrder, sample_bits, sample_bits_one
+from runner.data import datasets
+from runner.data.datasets import ImageSet
+from runner.data.order import TrainOrder, sample_bits, sample_bits_one
+from runner.data.splits import DataConfig, Splits
 
 
 def crop_flip(x: torch.Tensor, bits: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
