@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from runner.data import datasets
-from runner.data.datasets import ImageSet
+from runner.data.datasets import ImageSet, ImageSetDataset
 from runner.data.order import TrainOrder, sample_bits, sample_bits_one
 from runner.data.splits import DataConfig, Splits
 
@@ -100,14 +99,8 @@ class KeyedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         epoch, index = key
-        image, label = self.base[index]
-        if not isinstance(image, torch.Tensor):
-            image = pil_to_tensor(image)
-        if image.ndim == 2:
-            image = image[None]
+        image, label = self.base[index]  # a uint8 [C, H, W] tensor: ImageSetDataset's, decoded or in memory
         if epoch is not None and (self.pad or self.flip):
             bits, p = sample_bits_one(self.seed, epoch, index), self.pad
             dy, dx = (bits & 0xFF) % (2 * p + 1), ((bits >> 8) & 0xFF) % (2 * p + 1)
@@ -157,7 +150,7 @@ class LoaderBatches:
 
     def eval_batches(self, split: ImageSet, index: torch.Tensor, batch_size: int):
         keys = [(None, int(i)) for i in index]
-        dataset = KeyedDataset(datasets.ImageSetDataset(split), 0)
+        dataset = KeyedDataset(ImageSetDataset(split), 0)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=self.cfg.num_workers,
                             pin_memory=self.cfg.pin_memory)
         for x, y in loader:
