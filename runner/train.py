@@ -94,8 +94,7 @@ def load_data(cfg: Config, plan: Plan, acc):
         splits, augment = splits.overfit(plan.overfit_samples), False
     check_world_fits(plan.world, plan.micro_batch, len(splits.train), len(splits.eval))
     plan = plan.for_train_size(len(splits.train))
-    order = TrainOrder(len(splits.train), cfg.train.seed, plan.global_batch, plan.micro_batch, plan.world,
-                       acc.process_index, plan.steps_per_epoch)
+    order = TrainOrder(plan, len(splits.train), cfg.train.seed, acc.process_index)
     batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, augment, cfg.model.channels_last)
     return splits, batches, plan
 

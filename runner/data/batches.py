@@ -132,13 +132,15 @@ class LoaderBatches:
     """A DataLoader with workers over the torchvision dataset; workers decode and augment uint8 samples,
     the device normalises whole batches."""
 
-    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder, normalise: Normalise, device,
+    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder | None, normalise: Normalise, device,
                  seed: int, augment: bool):
         self.cfg, self.normalise, self.device = cfg, normalise, device
-        self.sampler = OrderBatchSampler(order)
-        train = KeyedDataset(splits.train_dataset, seed, cfg.crop_padding if augment else 0, cfg.flip and augment)
-        self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-                                       pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
+        if order is not None:  # evaluation alone has no training order and needs no training loader
+            self.sampler = OrderBatchSampler(order)
+            train = KeyedDataset(splits.train_dataset, seed, cfg.crop_padding if augment else 0,
+                                 cfg.flip and augment)
+            self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+                                           pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
 
     def to_device(self, x, y):
         return self.normalise(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
@@ -157,8 +159,9 @@ class LoaderBatches:
             yield self.to_device(x, y)
 
 
-def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder, device, seed: int, augment: bool,
+def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder | None, device, seed: int, augment: bool,
                  channels_last: bool):
+    """The batch source of a run; `order` None for evaluation alone (train_epoch is then not available)."""
     normalise = Normalise(splits.mean, splits.std, device, channels_last)
     if cfg.loader == "device":
         return DeviceBatches(splits.train, normalise, device, seed, cfg.crop_padding if augment else 0,
