@@ -70,13 +70,15 @@ def compute_bound(workload: Workload, seconds: float, fast: bool = False) -> flo
 
 def plain_loop(workload: Workload, folder: Path, seconds: float) -> float:
     """The runner's device data path, driven by a hand-written loop."""
-    from runner.batches import DeviceBatches, Normalise
-    from runner.datasets import NORMALISATION
-    from runner.order import TrainOrder
+    from runner.data.batches import DeviceBatches, Normalise
+    from runner.data.datasets import NORMALISATION
+    from runner.data.order import TrainOrder
+    from runner.plan import Config, Plan, TrainConfig
 
     split = workload.load_train_split(folder)
     pad, flip = augmentation(workload)
-    order = TrainOrder(len(split), 0, workload.batch, workload.batch, 1, 0)
+    plan = Plan.resolve(Config(train=TrainConfig(global_batch_size=workload.batch)), world=1)
+    order = TrainOrder(plan.for_train_size(len(split)), len(split), 0, 0)
     batches = DeviceBatches(split, Normalise(*NORMALISATION[workload.data], "cpu"), "cpu", seed=0,
                             crop_padding=pad, flip=flip, order=order)
     model = workload.make_model()
@@ -89,7 +91,7 @@ def tutorial_loop(workload: Workload, folder: Path, seconds: float) -> float:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from runner.datasets import NORMALISATION, cifar10_class
+    from runner.data.datasets import NORMALISATION, cifar10_class
 
     pad, flip = augmentation(workload)
     augment = [transforms.RandomCrop(32, padding=pad), transforms.RandomHorizontalFlip()] if flip else []

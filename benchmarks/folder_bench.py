@@ -34,7 +34,7 @@ def write_png_folder(cifar_root: Path, folder: Path) -> int:
     """The CIFAR-format splits as folder/{train,test}/<class>/<i>.png; returns the image count."""
     from PIL import Image
 
-    from runner.data import DataConfig, load_splits
+    from runner.data.splits import DataConfig, load_splits
 
     splits = load_splits(DataConfig(name="cifar10", root=str(cifar_root)), seed=0)
     count = 0
@@ -49,15 +49,15 @@ def write_png_folder(cifar_root: Path, folder: Path) -> int:
 
 def cache_rates(folder: Path, n_images: int) -> dict:
     """Seconds to build the cache (first load) and to reuse it (second load), in this process."""
-    from runner import folder as folderlib
-    from runner.data import DataConfig
+    from runner.data import folder as folderlib
+    from runner.data.splits import DataConfig, folder_settings
 
-    cfg = DataConfig(name="folder", root=str(folder))
+    settings = folder_settings(DataConfig(name="folder", root=str(folder)))
     started = time.perf_counter()
-    folderlib.load(cfg)
+    folderlib.load(settings, keep_pixels=True)
     built = time.perf_counter() - started
     started = time.perf_counter()
-    found = folderlib.load(cfg)
+    found = folderlib.load(settings, keep_pixels=True)
     reused = time.perf_counter() - started
     assert "cache reused" in found.description, found.description
     return {"images": n_images, "build_seconds": built, "build_images_per_s": n_images / built,

@@ -33,7 +33,7 @@ class Workload:
 
     def load_train_split(self, folder: Path):
         """The training split through the runner's own readers: uint8 images and labels."""
-        from runner.datasets import load_cifar10, load_mnist_family
+        from runner.data.datasets import load_cifar10, load_mnist_family
 
         if self.data == "mnist":
             return load_mnist_family("mnist", folder, download=False, train=True)[0]
@@ -43,7 +43,7 @@ class Workload:
         """The training split as float32 tensors in memory, normalised as the runner does."""
         import torch
 
-        from runner.datasets import NORMALISATION
+        from runner.data.datasets import NORMALISATION
 
         split = self.load_train_split(folder)
         mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALISATION[self.data])

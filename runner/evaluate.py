@@ -44,11 +44,10 @@ def evaluate(options: dict, overrides: list) -> int:
 
 
 def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
-    from runner.batches import make_batches
-    from runner.data import load_splits
+    from runner.data.batches import make_batches
+    from runner.data.splits import load_splits
     from runner.metrics import Evaluator, evaluate_split, per_class
     from runner.model import build_model, load_weights
-    from runner.order import TrainOrder
 
     splits = load_splits(cfg.data, cfg.train.seed)
     split = {"test": splits.test, splits.eval_split: splits.eval}.get(split_name)
@@ -56,10 +55,9 @@ def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str):
         raise UserError(f"--split {split_name}: this run has the splits test and {splits.eval_split}")
     model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
     model = acc.prepare(load_weights(model, checkpoint, cfg.model.name))
-    # Evaluation needs no training order; any world size evaluates the whole split, whatever debug limits
-    # the run had.
-    order = TrainOrder(len(splits.train), cfg.train.seed, 1, 1, 1, 0)
-    batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, False, cfg.model.channels_last)
+    # Evaluation needs no training order (None); any world size evaluates the whole split, whatever debug
+    # limits the run had.
+    batches = make_batches(cfg.data, splits, None, acc.device, cfg.train.seed, False, cfg.model.channels_last)
     evaluator = Evaluator(splits.num_classes, acc.device, confusion=True)
     results = evaluate_split(evaluator, model, batches, split, acc, cfg.eval.batch_size, len(split))
     results["per_class"] = per_class(results, splits.class_names)

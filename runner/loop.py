@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.scheduler import AcceleratedScheduler
 
-    from runner.batches import DeviceBatches, LoaderBatches
+    from runner.data.batches import DeviceBatches, LoaderBatches
     from runner.checkpoint import Checkpointer
     from runner.metrics import Validation
     from runner.throughput import Throughput

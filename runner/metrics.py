@@ -112,7 +112,7 @@ def evaluate_split(evaluator: Evaluator, model, batches, split, acc, batch_size:
     """This rank's disjoint shard of the first `samples` of `split`; metrics come back reduced."""
     import torch
 
-    from runner.order import shard_range
+    from runner.data.order import shard_range
 
     shard = shard_range(samples, acc.num_processes, acc.process_index)
     index = torch.arange(shard.start, shard.stop)

@@ -1,19 +1,26 @@
-"""Building the model: by name or `package.module:Class`, checked against the data before training."""
+"""Building the model: a built-in name (models/) or a user's `package.module:Class`, imported, built and
+checked against the data before training. Naming and checking a model needs no torch, so that the config
+check answers before the slow import."""
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
+import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from models import REGISTRY
 from runner.config import setting
 from runner.errors import ConfigError, UserError, first_line, shown
 
 if TYPE_CHECKING:
     from torch import nn
 
-# models.REGISTRY's names and models.USER_MODEL's pattern, here so that a config check needs no torch.
-BUILT_IN = ["linear", "simple_cnn", "resnet9"]
+# `package.module:Class`: dotted Python names only, so `:X`, `.foo:X` or `a/b:X` get a clear line rather than
+# whatever importlib makes of them (relative imports, empty names).
 USER_MODEL = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -26,22 +33,56 @@ class ModelConfig:
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
 
     def validate(self):
-        if self.name not in BUILT_IN and not USER_MODEL.fullmatch(self.name):
-            raise ConfigError(f"model.name={shown(self.name)} is not a known model ({', '.join(BUILT_IN)}) "
-                              "nor a user model written as package.module:Class")
+        check_model_name(self.name)
+
+
+def check_model_name(name: str) -> None:
+    if name not in REGISTRY and not USER_MODEL.fullmatch(name):
+        raise ConfigError(f"model.name={shown(name)} is not a known model ({', '.join(REGISTRY)}) "
+                          "nor a user model written as package.module:Class")
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class a model name stands for: a built-in one, or a user's, imported from the current directory."""
+    from torch import nn
+
+    check_model_name(name)  # before importlib sees it
+    if name in REGISTRY:
+        module_name, _, attr = REGISTRY[name].partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path:  # `mynet:MyNet` next to the user, under every entry point
+        sys.path.append(os.getcwd())
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise UserError(f"model.name={shown(name)}: cannot import it ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise UserError(f"model.name={shown(name)} is not a torch.nn.Module class")
+    return cls
+
+
+def create_model(name: str, kwargs: dict, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build the model, passing `in_shape`/`num_classes` only to constructors that accept them."""
+    cls = model_class(name)
+    params = inspect.signature(cls).parameters
+    extra = {k: v for k, v in (("in_shape", tuple(in_shape)), ("num_classes", num_classes))
+             if k in params and k not in kwargs}
+    try:
+        return cls(**extra, **kwargs)
+    # A constructor refuses bad sizes in its own way: unknown names (TypeError), a negative width
+    # (RuntimeError from torch), its own checks (ValueError).
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"model {name} rejected model.kwargs={shown(kwargs)}: {first_line(e)}") from None
 
 
 def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: int, data_name: str) -> nn.Module:
     import torch
 
-    import models
-
     if cfg.sync_batchnorm and not torch.cuda.is_available():
         raise UserError("model.sync_batchnorm=true needs CUDA GPUs: torch's SyncBatchNorm does not run on CPU")
-    try:
-        model = models.create(cfg.name, cfg.kwargs, in_shape, num_classes)
-    except models.ModelNameError as e:
-        raise UserError(str(e)) from None
+    model = create_model(cfg.name, cfg.kwargs, in_shape, num_classes)
     check_fits(model, cfg.name, in_shape, num_classes, data_name)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

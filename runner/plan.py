@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from runner.checkpoint import CheckpointConfig
 from runner.config import setting
-from runner.data import DataConfig
+from runner.data.splits import DataConfig
 from runner.distributed import DistConfig
 from runner.errors import ConfigError, UserError
 from runner.metrics import EvalConfig

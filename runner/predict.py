@@ -30,7 +30,7 @@ CARD = "data.json"
 
 def image_files(args: list[str]) -> list[Path]:
     """The files named, and the image files under the folders named, in order; a missing path is an error."""
-    from runner.folder import image_suffixes
+    from runner.data.folder import image_suffixes
 
     if not args:
         raise UserError("no images given: name image files or folders after --checkpoint PATH")
@@ -78,7 +78,7 @@ def predict(model, files: list[Path], card: dict, top: int, batch_size: int):
     """Yields (path, [(class, probability), ...]) per file, most likely first."""
     import torch
 
-    from runner.folder import decode_image
+    from runner.data.folder import decode_image
 
     channels, size = card["in_shape"][0], tuple(card["in_shape"][1:])
     mean = torch.tensor(card["mean"]).view(1, -1, 1, 1)

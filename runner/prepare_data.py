@@ -18,7 +18,7 @@ from runner.cli import Command  # noqa: E402
 
 
 def run(options: dict, overrides: list) -> int:
-    from runner.data import load_splits
+    from runner.data.splits import load_splits
     from runner.plan import Config
 
     cfg = configlib.load(Config, options.get("--config", "digits"), overrides)

@@ -81,10 +81,10 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
 def load_data(cfg: Config, plan: Plan, acc):
     """The splits (overfit mode trains and evaluates on a few batches, unaugmented), the batch source, and
     the plan completed with the training set's size."""
-    from runner.batches import make_batches
-    from runner.data import load_splits
+    from runner.data.batches import make_batches
+    from runner.data.order import TrainOrder
+    from runner.data.splits import load_splits
     from runner.distributed import check_world_fits
-    from runner.order import TrainOrder
 
     with acc.main_process_first():  # a download or a cache build, if any, happens once
         splits = load_splits(cfg.data, cfg.train.seed)
@@ -93,8 +93,7 @@ def load_data(cfg: Config, plan: Plan, acc):
         splits, augment = splits.overfit(plan.overfit_samples), False
     check_world_fits(plan.world, plan.micro_batch, len(splits.train), len(splits.eval))
     plan = plan.for_train_size(len(splits.train))
-    order = TrainOrder(len(splits.train), cfg.train.seed, plan.global_batch, plan.micro_batch, plan.world,
-                       acc.process_index, plan.steps_per_epoch)
+    order = TrainOrder(plan, len(splits.train), cfg.train.seed, acc.process_index)
     batches = make_batches(cfg.data, splits, order, acc.device, cfg.train.seed, augment, cfg.model.channels_last)
     return splits, batches, plan
 
@@ -126,7 +125,7 @@ def build_training(ctx: RunContext, splits):
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
     """Claim the run directory (lock and resume policy), load the checkpoint to continue from, if any, and
     record config.yaml and data.json. Returns the run state to continue from."""
-    from runner.data import data_card
+    from runner.data.splits import data_card
 
     cfg, acc, run_dir = ctx.cfg, ctx.acc, ctx.run_dir
     run_dir.claim(cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from runner.batches import DeviceBatches, Normalise
-from runner.data import DataConfig, load_splits
-from runner.order import TrainOrder, shard_range
-from runner.datasets import ImageSet
+from runner.data.batches import DeviceBatches, Normalise
+from runner.data.datasets import ImageSet
+from runner.data.order import TrainOrder, shard_range
+from runner.data.splits import DataConfig, load_splits
+from runner.plan import Config, Plan, TrainConfig
 from tests.conftest import QUIET
 from tests.test_config import error_line
 from tests.util import read_jsonl, summary
@@ -205,6 +206,13 @@ def test_images_that_do_not_fit_the_model_fail_before_training(train_main, cifar
 
 # ---------------------------------------------------------------------------------------------- the order
 
+def train_order(n: int, seed: int, global_batch: int, micro: int, world: int, rank: int,
+                limit_train_steps: int = 0) -> TrainOrder:
+    """The order a run with this batch layout trains in, from its plan's numbers."""
+    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, limit_train_steps=limit_train_steps)
+    return TrainOrder(Plan.resolve(Config(train=train), world).for_train_size(n), n, seed, rank)
+
+
 @pytest.mark.parametrize("n", [100, 257])
 def test_train_order_is_the_same_for_any_world_and_accumulation(n):
     """The samples behind each optimizer step depend only on (seed, epoch, step), and ranks are disjoint."""
@@ -215,7 +223,7 @@ def test_train_order_is_the_same_for_any_world_and_accumulation(n):
         global_batch = micro * world * accumulation
         per_rank = []
         for rank in range(world):
-            order = TrainOrder(n, seed=5, global_batch=global_batch, micro_batch=micro, world=world, rank=rank)
+            order = train_order(n, seed=5, global_batch=global_batch, micro=micro, world=world, rank=rank)
             assert order.accumulation == accumulation and order.steps_per_epoch == n // global_batch
             micro_batches = list(order.micro_batches(epoch=2))
             assert len(micro_batches) == order.steps_per_epoch * accumulation
@@ -236,15 +244,15 @@ def test_train_order_is_the_same_for_any_world_and_accumulation(n):
 
 
 def test_train_order_changes_with_epoch_and_seed_and_resumes_mid_epoch():
-    order = TrainOrder(64, seed=1, global_batch=8, micro_batch=4, world=1, rank=0)
+    order = train_order(64, seed=1, global_batch=8, micro=4, world=1, rank=0)
     epoch0 = torch.cat(list(order.micro_batches(0)))
     assert sorted(epoch0.tolist()) == list(range(64))
     assert not torch.equal(epoch0, torch.cat(list(order.micro_batches(1))))
-    other_seed = TrainOrder(64, seed=2, global_batch=8, micro_batch=4, world=1, rank=0)
+    other_seed = train_order(64, seed=2, global_batch=8, micro=4, world=1, rank=0)
     assert not torch.equal(epoch0, torch.cat(list(other_seed.micro_batches(0))))
     resumed = torch.cat(list(order.micro_batches(0, start_step=3)))
     assert torch.equal(resumed, epoch0[3 * 8:])
-    limited = TrainOrder(64, seed=1, global_batch=8, micro_batch=4, world=1, rank=0, max_steps_per_epoch=2)
+    limited = train_order(64, seed=1, global_batch=8, micro=4, world=1, rank=0, limit_train_steps=2)
     assert limited.steps_per_epoch == 2 and torch.equal(torch.cat(list(limited.micro_batches(0))), epoch0[:16])
 
 
@@ -388,7 +396,7 @@ def test_top5_accuracy_is_not_merged_with_top1():
 
 
 def test_per_sample_bits_match_the_batched_ones():
-    from runner.order import sample_bits, sample_bits_one
+    from runner.data.order import sample_bits, sample_bits_one
 
     index = torch.tensor([0, 1, 7, 49_999, 1 << 20])
     for seed, epoch in ((0, 0), (3, 11), (12345, 2)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from runner.data import DataConfig, data_card, load_splits
+from runner.data.splits import DataConfig, data_card, load_splits
 from tests.conftest import QUIET
 from tests.test_config import error_line
 from tests.sample_files import CLASSES, SIZES, class_image, write_folder  # noqa: F401

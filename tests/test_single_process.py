@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from runner.config import load_raw, presets
-from runner.data import DataConfig, load_splits
+from runner.data.splits import DataConfig, load_splits
 from tests.conftest import QUIET
 from tests.util import clean_env, read_jsonl, run_train, summary
 

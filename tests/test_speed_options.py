@@ -82,10 +82,9 @@ def test_flop_count_matches_torchs_flop_counter(name, shape):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import models
-    from runner.model import flops_per_sample
+    from runner.model import create_model, flops_per_sample
 
-    model = models.create(name, {}, shape, 10)
+    model = create_model(name, {}, shape, 10)
     counter = FlopCounterMode(display=False)
     with counter:
         model(torch.zeros(2, *shape)).sum().backward()

@@ -80,7 +80,7 @@ def test_batches_meta_that_does_not_name_ten_classes(train_main, cifar_root, cop
 
 
 def test_cifar_class_names_are_read_from_batches_meta(cifar_root, copy_data):
-    from runner.datasets import load_cifar10
+    from runner.data.datasets import load_cifar10
 
     root = copy_data(cifar_root)
     names = [f"class {chr(65 + i)}" for i in range(10)]
@@ -168,7 +168,7 @@ def test_an_idx_header_with_a_zero_dimension(train_main, mnist_root, copy_data, 
 
 def test_a_planted_processed_folder_does_not_replace_the_checked_files(mnist_root, copy_data):
     """torchvision's MNIST prefers MNIST/processed/{training,test}.pt to the raw IDX files it was given."""
-    from runner.data import DataConfig, load_splits
+    from runner.data.splits import DataConfig, load_splits
 
     root = copy_data(mnist_root)
     processed = root / "MNIST" / "processed"

@@ -14,14 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch.distributed as dist
 
-from runner.order import TrainOrder, shard_range
+from runner.data.order import TrainOrder, shard_range
+from runner.plan import Config, Plan, TrainConfig
 
 
 def main() -> int:
     out, num_train, global_batch, micro, num_eval, seed = sys.argv[1], *map(int, sys.argv[2:7])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    order = TrainOrder(num_train, seed, global_batch, micro, world, rank)
+    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro)
+    order = TrainOrder(Plan.resolve(Config(train=train), world).for_train_size(num_train), num_train, seed, rank)
     # per optimizer step: the indices of this rank's micro-batches
     steps, batches = [], order.micro_batches(0)
     for _ in range(order.steps_per_epoch):

@@ -1,8 +1,7 @@
-"""Data: the `data` config section and the splits a run trains and evaluates on.
+"""The `data` config section and the splits a run trains and evaluates on.
 
-Which samples each step sees is decided in runner/order.py; how they reach the device in runner/batches.py;
-reading and checking dataset files in runner/datasets.py. This module imports torch only when data is
-loaded, so that config errors are reported before the slow import.
+This module imports torch only when data is loaded, so that config errors are reported before the slow
+import.
 """
 from __future__ import annotations
 
@@ -16,7 +15,8 @@ from runner.errors import ConfigError
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
-    from runner.datasets import ImageSet
+    from runner.data.datasets import ImageSet
+    from runner.data.folder import FolderSettings
 
 NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "folder"]
 IN_MEMORY = ("digits", "synthetic")  # built without reading data.root
@@ -89,7 +89,7 @@ class Splits:
         """Train and evaluate on the first n training samples: a model that cannot fit them has a bug."""
         import torch
 
-        from runner import datasets
+        from runner.data import datasets
 
         few = self.train.subset(torch.arange(min(n, len(self.train))))
         return replace(self, train=few, eval=few, eval_split="overfit", train_dataset=datasets.ImageSetDataset(few))
@@ -98,8 +98,8 @@ class Splits:
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     import torch
 
-    from runner import datasets
-    from runner.datasets import DataError
+    from runner.data import datasets
+    from runner.data.datasets import DataError
 
     root = Path(cfg.root)
     class_names = CLASS_NAMES.get(cfg.name, [str(i) for i in range(datasets.NUM_CLASSES)])
@@ -112,9 +112,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train, test = datasets.make_synthetic(cfg.synthetic_size, cfg.synthetic_shape, len(class_names), seed)
         train_ds = None
     elif cfg.name == "folder":
-        from runner import folder
+        from runner.data import folder
 
-        found = folder.load(cfg)
+        found = folder.load(folder_settings(cfg), keep_pixels=cfg.loader == "device")
         train, val, test = found.splits["train"], found.splits.get("val"), found.splits["test"]
         class_names, description = found.decisions.class_names, found.description
         stats, train_ds = (tuple(found.decisions.mean), tuple(found.decisions.std)), None
@@ -143,6 +143,12 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         train_ds = None
     return Splits(train, eval_set, test, eval_split, num_classes, mean, std,
                   train_ds or datasets.ImageSetDataset(train), class_names, cfg.name, description)
+
+
+def folder_settings(cfg: DataConfig) -> FolderSettings:
+    from runner.data.folder import FolderSettings
+
+    return FolderSettings(cfg.root, tuple(cfg.image_size), cfg.channels, cfg.skip_bad_images, cfg.cache_dir)
 
 
 def data_card(splits: Splits) -> dict:

@@ -42,18 +42,16 @@ def sample_bits_one(seed: int, epoch: int, index: int) -> int:
 
 
 class TrainOrder:
-    """Which samples each rank uses at each micro-step: a pure function of (seed, epoch, step)."""
+    """Which samples each rank uses at each micro-step: a pure function of (seed, epoch, step).
 
-    def __init__(self, num_samples: int, seed: int, global_batch: int, micro_batch: int, world: int, rank: int,
-                 max_steps_per_epoch: int = 0):
-        self.num_samples, self.seed = num_samples, seed
-        self.global_batch, self.micro_batch, self.world, self.rank = global_batch, micro_batch, world, rank
-        self.accumulation = global_batch // (micro_batch * world)
-        # Whole accumulation windows only: a partial one would still be divided by the full accumulation
-        # count, so its samples would count at a fraction of their weight.
-        self.steps_per_epoch = num_samples // global_batch
-        if max_steps_per_epoch:
-            self.steps_per_epoch = min(self.steps_per_epoch, max_steps_per_epoch)
+    The batch arithmetic and the steps per epoch are those of the run's plan (runner/plan.py's Plan, sized
+    for this training set by for_train_size), taken as decided there, not derived again. The plan is not
+    imported here for its type: plan.py imports runner/metrics.py, which imports shard_range from here."""
+
+    def __init__(self, plan, num_samples: int, seed: int, rank: int):
+        self.num_samples, self.seed, self.rank = num_samples, seed, rank
+        self.global_batch, self.micro_batch, self.world = plan.global_batch, plan.micro_batch, plan.world
+        self.accumulation, self.steps_per_epoch = plan.accumulation, plan.steps_per_epoch
 
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(

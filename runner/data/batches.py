@@ -1,4 +1,4 @@
-"""How a step's samples reach the device. Two paths deliver the same batches (runner/order.py decides which):
+"""How a step's samples reach the device. Two paths deliver the same batches (order.py decides which samples):
 
 - `device` (default for in-memory datasets): the uint8 dataset sits on the device once; each micro-step
   gathers its indices, crops/flips the whole batch in one gather and normalises it there.
@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from runner import datasets
-from runner.data import DataConfig, Splits
-from runner.datasets import ImageSet
-from runner.order import TrainOrder, sample_bits, sample_bits_one
+from runner.data.datasets import ImageSet, ImageSetDataset
+from runner.data.order import TrainOrder, sample_bits, sample_bits_one
+from runner.data.splits import DataConfig, Splits
 
 
 def crop_flip(x: torch.Tensor, bits: torch.Tensor, pad: int, flip: bool) -> torch.Tensor:
@@ -100,14 +99,8 @@ class KeyedDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
         epoch, index = key
-        image, label = self.base[index]
-        if not isinstance(image, torch.Tensor):
-            image = pil_to_tensor(image)
-        if image.ndim == 2:
-            image = image[None]
+        image, label = self.base[index]  # a uint8 [C, H, W] tensor: ImageSetDataset's, decoded or in memory
         if epoch is not None and (self.pad or self.flip):
             bits, p = sample_bits_one(self.seed, epoch, index), self.pad
             dy, dx = (bits & 0xFF) % (2 * p + 1), ((bits >> 8) & 0xFF) % (2 * p + 1)
@@ -139,13 +132,15 @@ class LoaderBatches:
     """A DataLoader with workers over the torchvision dataset; workers decode and augment uint8 samples,
     the device normalises whole batches."""
 
-    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder, normalise: Normalise, device,
+    def __init__(self, cfg: DataConfig, splits: Splits, order: TrainOrder | None, normalise: Normalise, device,
                  seed: int, augment: bool):
         self.cfg, self.normalise, self.device = cfg, normalise, device
-        self.sampler = OrderBatchSampler(order)
-        train = KeyedDataset(splits.train_dataset, seed, cfg.crop_padding if augment else 0, cfg.flip and augment)
-        self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-                                       pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
+        if order is not None:  # evaluation alone has no training order and needs no training loader
+            self.sampler = OrderBatchSampler(order)
+            train = KeyedDataset(splits.train_dataset, seed, cfg.crop_padding if augment else 0,
+                                 cfg.flip and augment)
+            self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+                                           pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
 
     def to_device(self, x, y):
         return self.normalise(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
@@ -157,15 +152,16 @@ class LoaderBatches:
 
     def eval_batches(self, split: ImageSet, index: torch.Tensor, batch_size: int):
         keys = [(None, int(i)) for i in index]
-        dataset = KeyedDataset(datasets.ImageSetDataset(split), 0)
+        dataset = KeyedDataset(ImageSetDataset(split), 0)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=self.cfg.num_workers,
                             pin_memory=self.cfg.pin_memory)
         for x, y in loader:
             yield self.to_device(x, y)
 
 
-def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder, device, seed: int, augment: bool,
+def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder | None, device, seed: int, augment: bool,
                  channels_last: bool):
+    """The batch source of a run; `order` None for evaluation alone (train_epoch is then not available)."""
     normalise = Normalise(splits.mean, splits.std, device, channels_last)
     if cfg.loader == "device":
         return DeviceBatches(splits.train, normalise, device, seed, cfg.crop_padding if augment else 0,

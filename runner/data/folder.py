@@ -22,18 +22,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+from PIL import Image, ImageOps
 
-from runner.datasets import DataError
+from runner.data.datasets import DataError, ImageSet
 from runner.errors import first_line
-
-if TYPE_CHECKING:
-    import torch
-
-    from runner.data import DataConfig
-    from runner.datasets import ImageSet
 
 CACHE_FORMAT = 1   # bump when decoding changes, so that older caches are not reused
 SPLITS = ("train", "val", "test")
@@ -42,10 +37,18 @@ BLOCK = 1024      # files decoded per batch of thread-pool work
 LAYOUT = "expected DIR/train/<class>/* and DIR/test/<class>/* (and optionally DIR/val/<class>/*)"
 
 
+@dataclass(frozen=True)
+class FolderSettings:
+    """What reading a folder takes from the `data` section (splits.folder_settings), given by the caller."""
+    root: str
+    image_size: tuple[int, ...]  # (H, W), (S,) or () for the most common training size
+    channels: int                # 1, 3, or 0: 3 if any image has colour
+    skip_bad_images: bool        # skip and count corrupt files rather than stop
+    cache_dir: str               # "" is <root>/.cache
+
+
 def image_suffixes() -> set[str]:
     """File extensions Pillow can decode; other files in the folder are skipped and counted."""
-    from PIL import Image
-
     return {suffix.lower() for suffix in Image.registered_extensions()}
 
 
@@ -128,8 +131,6 @@ def open_error(path, e: Exception) -> DataError:
 def decode_image(path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """One image file as uint8 [C, H, W]: EXIF rotation applied, converted to grey (1) or RGB (3),
     resized (bilinear) to size = (H, W). Training, streaming and prediction all go through here."""
-    from PIL import Image, ImageOps
-
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -146,8 +147,6 @@ def decode_image(path, channels: int, size: tuple[int, int]) -> np.ndarray:
 
 def probe(path) -> tuple[tuple[int, int], bool]:
     """(H, W) after EXIF rotation and whether the image has colour, from its header only."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -208,20 +207,20 @@ class Decisions:
     source: dict            # the folder and the settings asked for: a newer cache of the same source replaces this
 
 
-def source(cfg: DataConfig) -> dict:
-    return {"root": str(Path(cfg.root).resolve()), "image_size": list(cfg.image_size), "channels": cfg.channels,
-            "skip_bad_images": cfg.skip_bad_images, "format": CACHE_FORMAT}
+def source(settings: FolderSettings) -> dict:
+    return {"root": str(Path(settings.root).resolve()), "image_size": list(settings.image_size),
+            "channels": settings.channels, "skip_bad_images": settings.skip_bad_images, "format": CACHE_FORMAT}
 
 
-def cache_key(cfg: DataConfig, scan_: FolderScan) -> str:
+def cache_key(settings: FolderSettings, scan_: FolderScan) -> str:
     """The settings and every file's name, size and mtime; not the folder's path, so a copied folder
     (mtimes kept) with its cache is still cached."""
-    settings = {**source(cfg), "root": None, "files": scan_.digest}
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    keyed = {**source(settings), "root": None, "files": scan_.digest}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def cache_dir(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.root) / ".cache"
+def cache_dir(settings: FolderSettings) -> Path:
+    return Path(settings.cache_dir) if settings.cache_dir else Path(settings.root) / ".cache"
 
 
 def write_atomic(path: Path, write) -> None:
@@ -236,31 +235,32 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def resolve_settings(cfg: DataConfig, scan_: FolderScan, bad: list) -> tuple[int, tuple[int, int]]:
+def resolve_settings(settings: FolderSettings, scan_: FolderScan, bad: list) -> tuple[int, tuple[int, int]]:
     """data.channels and data.image_size, or from the data: colour if any image has it, and the most
     common training size (the larger on a tie)."""
-    if cfg.channels and cfg.image_size:
-        return cfg.channels, image_size(cfg.image_size)
+    if settings.channels and settings.image_size:
+        return settings.channels, image_size(settings.image_size)
     paths = [scan_.root / p for split in scan_.files.values() for p, _ in split]
     n_train = len(scan_.files["train"])
-    found = list(each(paths, probe, cfg.skip_bad_images, bad, "reading headers"))
+    found = list(each(paths, probe, settings.skip_bad_images, bad, "reading headers"))
     sizes = Counter(f[0] for f in found[:n_train] if f is not None)
     if not sizes:
         raise DataError(f"{scan_.root / 'train'}: no readable images at all")
-    size = image_size(cfg.image_size) if cfg.image_size else max(sizes, key=lambda s: (sizes[s], s[0] * s[1]))
-    channels = cfg.channels or (3 if any(f[1] for f in found if f is not None) else 1)
+    size = (image_size(settings.image_size) if settings.image_size
+            else max(sizes, key=lambda s: (sizes[s], s[0] * s[1])))
+    channels = settings.channels or (3 if any(f[1] for f in found if f is not None) else 1)
     return channels, size
 
 
-def image_size(setting: list[int]) -> tuple[int, int]:
+def image_size(setting: tuple[int, ...]) -> tuple[int, int]:
     return (setting[0], setting[0]) if len(setting) == 1 else (setting[0], setting[1])
 
 
-def build(cfg: DataConfig, scan_: FolderScan, key: str, keep_pixels: bool) -> tuple[Decisions, dict]:
+def build(settings: FolderSettings, scan_: FolderScan, key: str, keep_pixels: bool) -> tuple[Decisions, dict]:
     """Decode every image once: returns the decisions and, with keep_pixels, {split: (images, labels)}.
     The normalisation is exact integer sums over the training images, so it is the same whoever builds."""
     started, bad = time.perf_counter(), []
-    channels, (h, w) = resolve_settings(cfg, scan_, bad)
+    channels, (h, w) = resolve_settings(settings, scan_, bad)
     total = sum(len(v) for v in scan_.files.values())
     print(f"folder {scan_.root}: decoding {total} images to {channels}x{h}x{w}"
           f"{f' ({scan_.skipped} non-image files skipped)' if scan_.skipped else ''}", flush=True)
@@ -272,7 +272,8 @@ def build(cfg: DataConfig, scan_: FolderScan, key: str, keep_pixels: bool) -> tu
         paths, labels = [p for p, _ in entries], [label for _, label in entries]
         images = np.empty((len(paths) if keep_pixels else 0, channels, h, w), np.uint8)
         kept = []
-        decoded = each(paths, lambda p: decode_image(p, channels, (h, w)), cfg.skip_bad_images, bad, split)
+        decoded = each(paths, lambda p: decode_image(p, channels, (h, w)), settings.skip_bad_images, bad,
+                       split)
         for i, image in enumerate(decoded):
             if image is None:
                 continue
@@ -290,7 +291,7 @@ def build(cfg: DataConfig, scan_: FolderScan, key: str, keep_pixels: bool) -> tu
     mean = sums / pixels / 255
     std = np.maximum(np.sqrt(np.maximum(squares / pixels / 255 ** 2 - mean ** 2, 0)), 1e-3)
     decisions = Decisions(key, scan_.class_names, channels, [h, w], mean.tolist(), std.tolist(), counts,
-                          scan_.skipped, sorted(os.path.relpath(p, scan_.root) for p in bad), source(cfg))
+                          scan_.skipped, sorted(os.path.relpath(p, scan_.root) for p in bad), source(settings))
     seconds = time.perf_counter() - started
     print(f"folder {scan_.root}: decoded {total} images in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} "
           f"images/s){f'; skipped {len(bad)} bad images' if bad else ''}", flush=True)
@@ -355,22 +356,17 @@ class FolderData:
     description: str             # for the run's header
 
 
-def load(cfg: DataConfig, keep_pixels: bool | None = None) -> FolderData:
-    """The folder's splits: in memory from the cache (built now if missing), or decoded lazily from the
-    files for data.loader=torchvision."""
-    import torch
-
-    from runner.datasets import ImageSet
-
-    keep_pixels = cfg.loader == "device" if keep_pixels is None else keep_pixels
-    found = scan(Path(cfg.root))
-    key = cache_key(cfg, found)
-    stem = cache_dir(cfg) / f"folder-{key[:16]}"
+def load(settings: FolderSettings, keep_pixels: bool) -> FolderData:
+    """The folder's splits: in memory from the cache (built now if missing), or, without keep_pixels
+    (data.loader=torchvision), decoded lazily from the files."""
+    found = scan(Path(settings.root))
+    key = cache_key(settings, found)
+    stem = cache_dir(settings) / f"folder-{key[:16]}"
     decisions = read_decisions(stem.with_suffix(".json"), key)
     pixels = read_pixels(stem.with_suffix(".safetensors"), key) if keep_pixels and decisions else None
     reused = decisions is not None and (pixels is not None or not keep_pixels)
     if not reused:
-        decisions, arrays = build(cfg, found, key, keep_pixels)
+        decisions, arrays = build(settings, found, key, keep_pixels)
         save(stem.parent, decisions, arrays)
         pixels = {split: tuple(torch.from_numpy(a) for a in pair) for split, pair in arrays.items()}
     if keep_pixels:
@@ -386,10 +382,6 @@ def load(cfg: DataConfig, keep_pixels: bool | None = None) -> FolderData:
 
 
 def lazy_splits(found: FolderScan, decisions: Decisions) -> dict[str, ImageSet]:
-    import torch
-
-    from runner.datasets import ImageSet
-
     bad = set(decisions.bad_images)
     splits = {}
     for split, entries in found.files.items():
@@ -413,13 +405,9 @@ class FolderImages:
 
     @property
     def shape(self) -> torch.Size:
-        import torch
-
         return torch.Size((len(self.paths), self.channels, *self.size))
 
     def __getitem__(self, index):
-        import torch
-
         if isinstance(index, torch.Tensor) and index.ndim == 1:
             return FolderImages([self.paths[i] for i in index.tolist()], self.channels, self.size)
         return torch.from_numpy(decode_image(self.paths[int(index)], self.channels, self.size))
