@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from runner.checkpoint import MANIFEST, REQUIRED_FILES, CheckpointError, verify
+from runner.state import STATE_FILE, RunState
+
 from tests.util import COMMON, DIGITS, DISK_ARGS, SHORT_EPOCH, assert_identical, final_weights, ok, run_train
 
 
@@ -254,3 +257,145 @@ def test_stale_temporary_checkpoints_are_removed_at_the_next_start(trained, trai
     assert result.returncode == 0, result.stderr[-3000:]
     assert not any(p.exists() for p in stale), sorted(p.name for p in trained.iterdir())
 
+
+# Verification on its own: a checkpoint directory built here, file by file.
+
+def write_checkpoint(path: Path, **extra_files: bytes) -> Path:
+    """A checkpoint directory holding every file a load reads (and `extra_files`), with a manifest that
+    lists each with its true size and sha256."""
+    path.mkdir(parents=True)
+    for i, name in enumerate(REQUIRED_FILES):
+        (path / name).write_bytes(f"{name} {i}".encode() * (i + 1))
+    for name, body in extra_files.items():
+        (path / name).write_bytes(body)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(path.iterdir())}
+    manifest = {"global_step": 6, "epoch": 1, "step_in_epoch": 0, "world_size": 1,
+                "fingerprint": {"optim.lr": 0.1}, "files": files}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def refused(path: Path) -> str:
+    with pytest.raises(CheckpointError) as error:
+        verify(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+def test_a_complete_checkpoint_verifies(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006", **{"random_states_1.pkl": b"rank 1"})
+    manifest = verify(checkpoint)
+    assert manifest["global_step"] == 6 and set(manifest["files"]) == set(REQUIRED_FILES) | {"random_states_1.pkl"}
+
+
+def test_what_is_not_a_checkpoint(tmp_path):
+    assert "does not exist" in refused(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    assert "is not a checkpoint written by this runner (no manifest.json)" in refused(tmp_path / "plain")
+    (tmp_path / "a_file").write_text("x")
+    assert "is not a checkpoint" in refused(tmp_path / "a_file")
+
+
+def test_an_unlisted_file_is_refused(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(b"planted")
+    message = refused(checkpoint)
+    assert "holds files its manifest does not list (custom_checkpoint_0.pkl)" in message
+
+
+@pytest.mark.parametrize("name", REQUIRED_FILES)
+def test_a_file_every_load_reads_must_be_listed(tmp_path, name):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    (checkpoint / name).unlink()
+    edit_manifest(checkpoint, lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != name}})
+    assert f"its manifest does not list {name}" in refused(checkpoint)
+
+
+def test_a_listed_file_that_is_missing(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    (checkpoint / "optimizer.bin").unlink()
+    assert "is incomplete: optimizer.bin is missing" in refused(checkpoint)
+
+
+def test_a_file_of_the_wrong_size(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    size = (checkpoint / "model.safetensors").stat().st_size
+    with open(checkpoint / "model.safetensors", "ab") as f:
+        f.write(b"!")
+    assert f"is corrupt: model.safetensors has {size + 1} bytes, expected {size}" in refused(checkpoint)
+
+
+def test_a_file_of_the_right_size_with_other_bytes(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    flip_bytes(checkpoint / "scheduler.bin")
+    assert "is corrupt: scheduler.bin does not match its checksum" in refused(checkpoint)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: "not json {", "manifest.json is unreadable"),
+    (lambda m: json.dumps(list(m)), "manifest.json is malformed (global_step missing or not a int)"),
+    (lambda m: json.dumps({k: v for k, v in m.items() if k != "fingerprint"}),
+     "manifest.json is malformed (fingerprint missing or not a dict)"),
+    (lambda m: json.dumps({**m, "global_step": "6"}), "manifest.json is malformed (global_step missing"),
+    (lambda m: json.dumps({**m, "files": list(m["files"])}), "manifest.json is malformed (files missing"),
+    (lambda m: json.dumps({**m, "files": {**m["files"], "optimizer.bin": {"size": 3, "sha256": "0" * 63}}}),
+     "manifest.json has a malformed entry for 'optimizer.bin'"),
+    (lambda m: json.dumps({**m, "files": {**m["files"], "optimizer.bin": {"size": "3", "sha256": "0" * 64}}}),
+     "manifest.json has a malformed entry for 'optimizer.bin'"),
+], ids=["not json", "a list", "no fingerprint", "a string step", "files a list", "short sha256", "string size"])
+def test_a_malformed_manifest_is_refused(tmp_path, change, says):
+    checkpoint = write_checkpoint(tmp_path / "step_00000006")
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    (checkpoint / MANIFEST).write_text(change(manifest))
+    assert says in refused(checkpoint)
+
+
+# The run state in every checkpoint: plain JSON, checked field by field.
+
+def test_run_state_reads_back_what_it_wrote(tmp_path):
+    state = RunState(epoch=2, step_in_epoch=3, global_step=15, best_metric=-0.25, best_step=12,
+                     evals_since_best=1, train_seconds=4, wall_seconds=5.5, segments=2, fingerprint={"a": 1})
+    state.write(tmp_path)
+    assert RunState.read(tmp_path) == state
+    assert RunState.read(tmp_path).best_checkpoint == "step_00000012"
+    RunState().write(tmp_path)
+    assert RunState.read(tmp_path) == RunState() and RunState().best_checkpoint is None
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[1, 2]", "run_state.json must hold an object"),
+    ('"state"', "run_state.json must hold an object"),
+    ("{}", "run_state.json lacks epoch"),
+])
+def test_a_run_state_that_is_not_an_object_with_every_field(tmp_path, text, says):
+    (tmp_path / STATE_FILE).write_text(text)
+    with pytest.raises(ValueError, match=says):
+        RunState.read(tmp_path)
+
+
+def test_a_run_state_that_is_not_json(tmp_path):
+    (tmp_path / STATE_FILE).write_bytes(b"\x80\x04\x95 a pickle, say")
+    with pytest.raises(ValueError):
+        RunState.read(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("global_step", "15", "global_step='15' has the wrong type"),
+    ("epoch", True, "epoch=True has the wrong type"),
+    ("epoch", 1.5, "epoch=1.5 has the wrong type"),
+    ("early_stopped", 1, "early_stopped=1 has the wrong type"),
+    ("best_step", 1.0, "best_step=1.0 has the wrong type"),
+    ("best_metric", "0.5", "best_metric='0.5' has the wrong type"),
+    ("train_seconds", None, "train_seconds=None has the wrong type"),
+    ("fingerprint", [], "fingerprint=[] has the wrong type"),
+    ("global_step", -1, "global_step=-1 is negative"),
+    ("wall_seconds", -0.5, "wall_seconds=-0.5 is negative"),
+])
+def test_a_run_state_field_of_the_wrong_type_or_sign_is_refused(tmp_path, field, value, says):
+    RunState(global_step=15, best_step=12, best_metric=0.5).write(tmp_path)
+    raw = json.loads((tmp_path / STATE_FILE).read_text())
+    (tmp_path / STATE_FILE).write_text(json.dumps({**raw, field: value}))
+    with pytest.raises(ValueError) as error:
+        RunState.read(tmp_path)
+    assert str(error.value) == f"{STATE_FILE}: {says}"

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from runner.errors import UserError
+from runner.rundir import RunLock
+
 from tests.dist_helpers import Background, wait_for_train_record
 from tests.util import COMMON, DIGITS, PYTHON, REPO, SHORT_EPOCH, clean_env, ok, one_error_line, summary
 
@@ -118,3 +121,113 @@ def test_resume_none_refuses_to_overwrite_unless_told(reference, tmp_path, train
     ok(train_main(COMMON + ["run.name=ref", "resume=none", "run.overwrite=true", "checkpoint.keep_last=1"]))
     assert len(list((run_dir / "checkpoints").glob("step_*"))) <= 2  # last, plus best if different
 
+
+# The lock on its own: RunLock in this process, a real second process as the other holder.
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from runner.rundir import RunLock
+
+RunLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+sys.stdin.read()  # hold it until the test closes stdin or kills this process
+"""
+
+
+def write_lock(run_dir: Path, body: str, age_s: float = 0) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    path.write_text(body)
+    if age_s:
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_run_lock_acquire_writes_the_holder_and_release_removes_it(tmp_path):
+    run_dir = tmp_path / "runs" / "fresh"
+    lock = RunLock(run_dir)
+    lock.acquire()
+    holder = json.loads((run_dir / "run.lock").read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname() and holder["since"]
+    lock.release()
+    assert not (run_dir / "run.lock").exists()
+    assert not run_dir.exists(), "a lock on a directory it created, released with nothing written, leaves nothing"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("kept")
+    kept = RunLock(run_dir)
+    kept.acquire()
+    kept.release()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_run_lock_held_by_a_live_process_is_refused_naming_it_until_that_process_dies(tmp_path):
+    run_dir = tmp_path / "runs" / "held"
+    holder = subprocess.Popen([PYTHON, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, env=clean_env(tmp_path),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError) as refused:
+            RunLock(run_dir).acquire()
+        message = str(refused.value)
+        assert f"in use by pid {holder.pid} on host {socket.gethostname()}" in message, message
+        assert json.loads((run_dir / "run.lock").read_text())["pid"] == holder.pid, "a refusal must not touch it"
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert holder.returncode == -signal.SIGKILL and (run_dir / "run.lock").exists(), "SIGKILL leaves the lock"
+    lock = RunLock(run_dir)
+    lock.acquire()  # its holder is gone: taken over
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_run_lock_of_a_dead_pid_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run_dir = tmp_path / "orphan"
+    write_lock(run_dir, json.dumps({"host": socket.gethostname(), "pid": dead.pid, "slurm_job": None,
+                                    "since": "earlier"}))
+    lock = RunLock(run_dir)
+    lock.acquire()
+    assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_run_lock_on_another_host_is_refused(tmp_path):
+    run_dir = tmp_path / "shared"
+    write_lock(run_dir, json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job": None, "since": "earlier"}),
+               age_s=3600)
+    with pytest.raises(UserError, match="in use by pid 1 on host node-elsewhere"):
+        RunLock(run_dir).acquire()
+
+
+def test_run_lock_of_an_earlier_run_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    """A requeued job may start on another node: its own earlier lock is its own."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    run_dir = tmp_path / "requeued"
+    write_lock(run_dir, json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job": "4242", "since": "earlier"}))
+    lock = RunLock(run_dir)
+    lock.acquire()
+    assert json.loads((run_dir / "run.lock").read_text())["slurm_job"] == "4242"
+    lock.release()
+
+
+@pytest.mark.parametrize("body", ["", "{", "[1, 2]", "null", "{}"], ids=["empty", "cut short", "a list", "null",
+                                                                    "an empty object"])
+def test_run_lock_empty_or_garbled(tmp_path, body):
+    """Just written (under 10 s old), it may be another launch writing it: refused. Older, it was cut short
+    by a crash: taken over."""
+    fresh = tmp_path / "fresh"
+    write_lock(fresh, body)
+    with pytest.raises(UserError, match=r"is in use by pid \? on host \? \(since just now\)"):
+        RunLock(fresh).acquire()
+    assert (fresh / "run.lock").read_text() == body
+    stale = tmp_path / "stale"
+    write_lock(stale, body, age_s=60)
+    lock = RunLock(stale)
+    lock.acquire()
+    assert json.loads((stale / "run.lock").read_text())["pid"] == os.getpid()
+    lock.release()
