@@ -4,6 +4,7 @@ moment resumes; every resume ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -35,16 +36,31 @@ def start(args, tmp_path, env=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for_step(run_dir: Path, step: int, proc, timeout=120) -> None:
+def wait_for_step(run_dir: Path, step: int, proc, timeout=120, poll: float = 0.05) -> None:
     """Wait until the run has logged optimizer step `step` (metrics.jsonl is written every step)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.exists() and any(r["step"] >= step for r in read_jsonl(path) if r["split"] == "train"):
+        if max(train_steps(run_dir), default=0) >= step:
             return
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
+        time.sleep(poll)
     raise TimeoutError(f"step {step} not reached")
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    """The optimizer steps metrics.jsonl has logged so far (a line being written is not read yet)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if record["split"] == "train":
+            steps.append(record["step"])
+    return steps
 
 
 @pytest.mark.slow
@@ -147,24 +163,36 @@ def test_two_process_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_never_loses_a_complete_checkpoint(reference, tmp_path):
-    """Repeatedly SIGKILL a run (often mid-save, with a save every step); it always resumes and ends exact."""
-    args = COMMON + ["run.name=killed", "checkpoint.every_steps=1", "log.every_steps=1"]
+def test_kill_9_at_random_moments_never_loses_a_complete_checkpoint(tmp_path, train_main):
+    """Repeatedly SIGKILL a run (often mid-save, with a save every step); it always resumes and ends exact.
+
+    Every kill must land: on a process still running, after it trained at least one new step since it
+    started, so each one interrupts training or a save rather than a start-up or a finished run."""
+    args = COMMON + ["train.epochs=4", "checkpoint.every_steps=1", "log.every_steps=1"]  # 24 steps
+    ok(train_main(args + ["run.name=whole"]))  # the uninterrupted trajectory
     run_dir = tmp_path / "runs" / "killed"
-    delays = [0.3, 0.05, 0.6, 0.15, 0.45]
+    delays = [0.0, 0.02, 0.01, 0.035, 0.005]  # after a new step is logged; a step and its save take ~40 ms here
+    kills, mid_save = 0, 0
     for delay in delays:
-        proc = start(args, tmp_path)
-        try:
-            wait_for_step(run_dir, 1, proc)
-        except AssertionError:
-            break  # finished already
+        trained = max(train_steps(run_dir), default=0)
+        proc = start(args + ["run.name=killed"], tmp_path)
+        wait_for_step(run_dir, trained + 1, proc, poll=0.005)
         time.sleep(delay)
+        assert proc.poll() is None, f"the run ended before kill {kills + 1}: {proc.communicate()[0][-3000:]}"
         proc.kill()
         proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, proc.returncode
+        kills += 1
+        mid_save += bool(list((run_dir / "checkpoints").glob(".tmp-step_*")))
         complete = [p for p in (run_dir / "checkpoints").glob("step_*")]
         assert all((p / "manifest.json").exists() for p in complete)
-    ok(run_train(args, tmp_path))
-    assert_identical(final_weights(reference), final_weights(run_dir))
+    print(f"{kills} kills landed mid-run, {mid_save} of them mid-save; "
+          f"last logged step {max(train_steps(run_dir))} of 24")
+    assert kills == len(delays) and not (run_dir / "summary.json").exists()
+    result = ok(run_train(args + ["run.name=killed"], tmp_path))
+    assert "resumed from" in result.stdout, result.stdout[-3000:]
+    assert not list((run_dir / "checkpoints").glob(".tmp-step_*")), "a half-written checkpoint was kept"
+    assert_identical(final_weights(tmp_path / "runs" / "whole"), final_weights(run_dir))
 
 
 @pytest.mark.slow
