@@ -1,25 +1,26 @@
 """Shared fixtures: tiny datasets in the real on-disk formats, and ways to run the runner.
 
-- `mnist_root`, `fashion_mnist_root`, `cifar_root`: session-scoped, read-only `data.root` directories.
-  A test that damages files must work on a copy: `copy_data(mnist_root)` gives one under its tmp_path.
+- `mnist_root`, `fashion_mnist_root`, `cifar_root`, `folder_root`: session-scoped, read-only `data.root`
+  directories. A test that damages files must work on a copy: `copy_data(mnist_root)` gives one under its
+  tmp_path; `images` is such a copy of `folder_root`.
 - `cli(args, ...)`: `runner/train.py` as a real subprocess (tests/util.run_train), run.root under tmp_path.
 - `train_main(args, ...)`: `runner.train.main(args)` in this process, with its exit code and captured
   stdout/stderr. About 7 s faster per call than a subprocess (no fresh torch/accelerate import), so use
   it wherever the behaviour under test does not depend on being a separate process (a terminal, env vars).
+- `command(main, args)`: any command's `main()` (predict, prepare_data, ...) in this process.
+- `reference`: one uninterrupted run of tests/util.COMMON with a checkpoint after every step, for the
+  exact-resume tests; read-only, copy it to change it.
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests import sample_files
-from tests.util import run_train
-
-# Small and quiet defaults for runs whose trackers and plot are not under test.
-QUIET = ["log.trackers=[]", "log.plot=false"]
+from tests.util import COMMON, MainResult, ok, reset_accelerate, run_train
 
 
 @pytest.fixture(scope="session")
@@ -64,27 +65,17 @@ def copy_data(tmp_path):
 
 
 @pytest.fixture
+def images(folder_root, copy_data) -> Path:
+    """A private copy of `folder_root`: tests that damage or cache the image folder use it."""
+    return copy_data(folder_root)
+
+
+@pytest.fixture
 def cli(tmp_path):
     """cli(args, env=None, timeout=300) -> CompletedProcess of `python runner/train.py args`."""
     def call(args: list[str], **kwargs):
         return run_train([str(a) for a in args], tmp_path, **kwargs)
     return call
-
-
-@dataclass
-class MainResult:
-    returncode: int
-    stdout: str
-    stderr: str
-    run_root: Path
-
-
-def reset_accelerate() -> None:
-    """Accelerate keeps its state in process-wide singletons; each in-process run starts from scratch."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture
@@ -107,3 +98,22 @@ def train_main(tmp_path, capsys):
         return MainResult(code, out.out, out.err, run_root)
 
     return call
+
+
+@pytest.fixture
+def command(capsys):
+    """command(main, args) -> (exit code, stdout, stderr) of a command's main() run in this process."""
+    def call(main, args: list) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+    return call
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted run that keeps a checkpoint after every optimizer step."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ok(run_train(COMMON + ["run.name=ref", "checkpoint.every_steps=1", "checkpoint.keep_last=100"], tmp))
+    return tmp / "runs" / "ref"

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import psutil
 
-from tests.util import BIN, REPO, clean_env, free_port
+from tests.util import BIN, REPO, clean_env, free_port, read_jsonl
 
 LAUNCH = REPO / "launch"
 ACCELERATE = str(BIN / "accelerate")
 TORCHRUN = str(BIN / "torchrun")
-QUIET = ["log.trackers=[]", "log.plot=false", "log.progress=lines"]
 
 
 def accelerate_config(name: str, *options: str) -> list[str]:
@@ -135,3 +134,11 @@ def read_weights(checkpoint: Path) -> dict:
 
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def wait_for_train_record(run_dir: Path, launch: Background, timeout: float = 240) -> None:
+    """Wait until the launch's metrics.jsonl holds a training step."""
+    def training():
+        path = run_dir / "metrics.jsonl"
+        return path.exists() and any(r["split"] == "train" for r in read_jsonl(path))
+    launch.wait_for(training, timeout, "a training step")

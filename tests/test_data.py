@@ -1,21 +1,26 @@
-"""Data: datasets read from their real on-disk formats, clear errors for bad files, and the sample order."""
+"""Datasets and data files (runner/data.py, runner/datasets.py, runner/batches.py): reading the real on-disk
+formats, the two data paths, augmentation, and bad or untrusted data files: missing, truncated, wrong
+magic numbers, crafted pickles, files that are not regular files, IDX headers that declare nothing, a
+`processed/` folder planted beside the checked MNIST files.
+"""
 from __future__ import annotations
 
+import builtins
+import os
 import pickle
+import shlex
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from runner.data.batches import DeviceBatches, Normalise
-from runner.data.datasets import ImageSet
-from runner.data.order import TrainOrder, shard_range
 from runner.data.splits import DataConfig, load_splits
-from runner.plan import Config, Plan, TrainConfig
-from tests.conftest import QUIET
-from tests.test_config import error_line
-from tests.util import read_jsonl, summary
+from runner.data.datasets import ImageSet, load_cifar10
+
+from tests.util import QUIET, error_line, make_unreadable, read_jsonl, summary
 
 
 def read_idx(path) -> np.ndarray:
@@ -36,7 +41,163 @@ def read_cifar(base, names):
     return np.concatenate(images), np.array(labels)
 
 
-# ---------------------------------------------------------------------------------------------- loading
+def raw_batches(images: ImageSet, **kwargs) -> DeviceBatches:
+    """DeviceBatches with mean 0 and std 1/255, so its output is the uint8 pixels as floats."""
+    c = images.images.shape[1]
+    cpu = torch.device("cpu")
+    return DeviceBatches(images, Normalise((0.0,) * c, (1 / 255,) * c, cpu), cpu, **kwargs)
+
+
+@pytest.fixture
+def image_set():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(1, 256, (40, 3, 8, 10), generator=g, dtype=torch.uint8)
+    return ImageSet(images, torch.randint(0, 10, (40,), generator=g))
+
+
+CIFAR = "cifar-10-batches-py"
+
+
+def files_under(root: Path) -> list[Path]:
+    return [p for p in Path(root).rglob("*") if not p.is_dir()] if Path(root).exists() else []
+
+
+class RunsShell:
+    """Unpickling this runs `touch marker` through os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+class OpensFile(RunsShell):
+    """Unpickling this creates `marker` through builtins.open."""
+
+    def __reduce__(self):
+        return builtins.open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("payload", [RunsShell, OpensFile])
+@pytest.mark.parametrize("file", ["batches.meta", "data_batch_2", "test_batch"])
+def test_a_crafted_cifar_pickle_never_runs(train_main, cifar_root, copy_data, tmp_path, file, payload):
+    root = copy_data(cifar_root)
+    path, marker = root / CIFAR / file, tmp_path / "code_ran"
+    with open(path, "wb") as f:
+        pickle.dump(payload(marker) if file == "batches.meta" else {"data": payload(marker), "labels": [1]}, f)
+    result = train_main(["--config", "cifar10", f"data.root={root}", *QUIET])
+    line = error_line(result)
+    assert not marker.exists()
+    assert str(path) in line and "refused" in line
+    assert files_under(result.run_root) == []
+
+
+def test_a_truncated_batches_meta(train_main, cifar_root, copy_data):
+    root = copy_data(cifar_root)
+    path = root / CIFAR / "batches.meta"
+    path.write_bytes(path.read_bytes()[:40])
+    line = error_line(train_main(["--config", "cifar10", f"data.root={root}", *QUIET]))
+    assert str(path) in line and "truncated" in line
+
+
+def test_batches_meta_that_does_not_name_ten_classes(train_main, cifar_root, copy_data):
+    root = copy_data(cifar_root)
+    path = root / CIFAR / "batches.meta"
+    with open(path, "wb") as f:
+        pickle.dump({"label_names": ["cat", "dog"]}, f)
+    line = error_line(train_main(["--config", "cifar10", f"data.root={root}", *QUIET]))
+    assert str(path) in line and "label_names" in line
+
+
+def test_cifar_class_names_are_read_from_batches_meta(cifar_root, copy_data):
+    root = copy_data(cifar_root)
+    names = [f"class {chr(65 + i)}" for i in range(10)]
+    with open(root / CIFAR / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": names, "num_cases_per_batch": 40, "num_vis": 3072}, f)
+    for train in (True, False):
+        split, dataset = load_cifar10(root, download=False, train=train)
+        assert split.class_names == names and split.subset(torch.arange(3)).class_names == names
+        image, label = dataset[7]  # the DataLoader path sees the same samples, as CHW uint8 tensors
+        assert torch.equal(image, split.images[7]) and label == int(split.labels[7])
+
+
+def test_cifar_labels_that_are_not_integers(train_main, cifar_root, copy_data):
+    root = copy_data(cifar_root)
+    path = root / CIFAR / "test_batch"
+    with open(path, "rb") as f:
+        entry = pickle.load(f)  # the sample file the test wrote itself
+    entry["labels"] = [str(label) for label in entry["labels"]]
+    with open(path, "wb") as f:
+        pickle.dump(entry, f)
+    line = error_line(train_main(["--config", "cifar10", f"data.root={root}", *QUIET]))
+    assert str(path) in line and "integers" in line
+
+
+@pytest.mark.parametrize("kind, says", [("directory", "is a directory"), ("endless device", "character device"),
+                                        ("io error", "cannot read")])
+@pytest.mark.parametrize("dataset, file", [("mnist", "MNIST/raw/train-images-idx3-ubyte"),
+                                           ("cifar10", f"{CIFAR}/data_batch_1")])
+def test_a_data_file_that_cannot_be_read(train_main, request, copy_data, dataset, file, kind, says):
+    if kind == "io error" and not Path("/proc/self/mem").exists():
+        pytest.skip("needs Linux's /proc/self/mem")
+    root = copy_data(request.getfixturevalue(f"{dataset.replace('10', '')}_root"))
+    make_unreadable(root / file, kind)
+    result = train_main(["--config", dataset, f"data.root={root}", *QUIET])
+    line = error_line(result)
+    assert str(root / file) in line and says in line and "cannot write" not in line
+    assert files_under(result.run_root) == []
+
+
+@pytest.mark.slow
+def test_a_data_file_that_is_a_fifo(cli, mnist_root, copy_data):
+    """Reading a FIFO blocks until a writer comes: the real script must refuse it at once."""
+    root = copy_data(mnist_root)
+    path = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    make_unreadable(path, "fifo")
+    line = error_line(cli(["--config", "mnist", f"data.root={root}", *QUIET], timeout=120))
+    assert str(path) in line and "named pipe" in line
+
+
+@pytest.mark.parametrize("dataset, file, says", [("mnist", "MNIST/raw/t10k-images-idx3-ubyte", "truncated or padded"),
+                                                 ("cifar10", f"{CIFAR}/test_batch", "at most")])
+def test_a_huge_sparse_data_file_is_refused_before_reading(train_main, request, copy_data, dataset, file, says):
+    """64 GB that take no disk: refused from its size, never read into memory."""
+    root = copy_data(request.getfixturevalue(f"{dataset.replace('10', '')}_root"))
+    with open(root / file, "r+b") as f:
+        f.truncate(2 ** 36)
+    line = error_line(train_main(["--config", dataset, f"data.root={root}", *QUIET]))
+    assert str(root / file) in line and says in line and str(2 ** 36) in line.replace(",", "")
+
+
+@pytest.mark.parametrize("dims", [(0, 28, 28), (256, 0, 0), (256, 28, 0)])
+def test_an_idx_header_with_a_zero_dimension(train_main, mnist_root, copy_data, dims):
+    root = copy_data(mnist_root)
+    path = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes((0x0803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims))
+    line = error_line(train_main(["--config", "mnist", f"data.root={root}", *QUIET]))
+    assert str(path) in line and str(list(dims)) in line
+
+
+def test_a_planted_processed_folder_does_not_replace_the_checked_files(mnist_root, copy_data):
+    """torchvision's MNIST prefers MNIST/processed/{training,test}.pt to the raw IDX files it was given."""
+    root = copy_data(mnist_root)
+    processed = root / "MNIST" / "processed"
+    processed.mkdir()
+    for name, n in (("training.pt", 256), ("test.pt", 100)):
+        torch.save((torch.full((n, 28, 28), 7, dtype=torch.uint8), torch.zeros(n, dtype=torch.long)), processed / name)
+    splits = load_splits(DataConfig(name="mnist", root=str(root)), seed=0)
+    raw = (root / "MNIST" / "raw" / "train-images-idx3-ubyte").read_bytes()
+    expected = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28).copy())
+    assert torch.equal(splits.train.images, expected)
+
+
+def test_synthetic_data_too_large_for_memory(train_main):
+    """2**40 images: the allocation fails at once (far beyond memory), and says which keys asked for it."""
+    result = train_main(["--config", "digits", "data.name=synthetic", f"data.synthetic_size={2 ** 40}", *QUIET])
+    line = error_line(result)
+    assert "data.synthetic_size=1099511627776" in line and "memory" in line
+
 
 def test_digits_loads_offline(monkeypatch):
     def no_network(*args, **kwargs):
@@ -84,8 +245,6 @@ def test_val_fraction_holds_out_part_of_train(mnist_root):
     assert len(held.train) + len(held.eval) == len(full.train)
     assert torch.equal(held.test.labels, full.test.labels)
 
-
-# ---------------------------------------------------------------------------------------------- bad data
 
 def test_missing_data_root(train_main, tmp_path):
     missing = tmp_path / "no_such_dir"
@@ -190,98 +349,6 @@ def test_cifar_label_out_of_range(train_main, cifar_root, copy_data):
     assert "12" in line and "test" in line and "0..9" in line
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--config", "mnist", "data.name=cifar10"], ["linear", "cifar10", "3x32x32"]),
-    (["--config", "digits", "model.kwargs={in_features: 3072}"], ["linear", "digits", "1x28x28"]),
-])
-def test_images_that_do_not_fit_the_model_fail_before_training(train_main, cifar_root, args, fragments):
-    """E.g. CIFAR's 3x32x32 into the 784-input linear net: one line before any step, no run directory."""
-    root = [f"data.root={cifar_root}"] if "data.name=cifar10" in args else []  # digits reads no data.root
-    result = train_main(args + root + QUIET)
-    line = error_line(result)
-    assert all(f in line for f in fragments), line
-    assert "step" not in result.stdout
-    assert not (result.run_root / args[1]).exists()
-
-
-# ---------------------------------------------------------------------------------------------- the order
-
-def train_order(n: int, seed: int, global_batch: int, micro: int, world: int, rank: int,
-                limit_train_steps: int = 0) -> TrainOrder:
-    """The order a run with this batch layout trains in, from its plan's numbers."""
-    train = TrainConfig(global_batch_size=global_batch, micro_batch_size=micro, limit_train_steps=limit_train_steps)
-    return TrainOrder(Plan.resolve(Config(train=train), world).for_train_size(n), n, seed, rank)
-
-
-@pytest.mark.parametrize("n", [100, 257])
-def test_train_order_is_the_same_for_any_world_and_accumulation(n):
-    """The samples behind each optimizer step depend only on (seed, epoch, step), and ranks are disjoint."""
-    micro_for_world = {1: 4, 2: 4, 4: 4}  # global 16 = micro 4 x accumulation x world
-    steps_by_layout = {}
-    for world, accumulation in ((1, 4), (2, 2), (4, 1)):
-        micro = micro_for_world[world]
-        global_batch = micro * world * accumulation
-        per_rank = []
-        for rank in range(world):
-            order = train_order(n, seed=5, global_batch=global_batch, micro=micro, world=world, rank=rank)
-            assert order.accumulation == accumulation and order.steps_per_epoch == n // global_batch
-            micro_batches = list(order.micro_batches(epoch=2))
-            assert len(micro_batches) == order.steps_per_epoch * accumulation
-            assert all(len(b) == micro for b in micro_batches)
-            per_rank.append([torch.cat(micro_batches[s * accumulation:(s + 1) * accumulation])
-                             for s in range(order.steps_per_epoch)])
-        steps = []
-        for s in range(n // global_batch):
-            shards = [per_rank[r][s] for r in range(world)]
-            together = torch.cat(shards)
-            assert len(set(together.tolist())) == global_batch  # disjoint rank shards, no repeats
-            steps.append(sorted(together.tolist()))
-        steps_by_layout[(world, accumulation)] = steps
-    layouts = list(steps_by_layout.values())
-    assert layouts[0] == layouts[1] == layouts[2]
-    used = [i for step in layouts[0] for i in step]
-    assert len(set(used)) == len(used) and all(0 <= i < n for i in used)  # each sample at most once per epoch
-
-
-def test_train_order_changes_with_epoch_and_seed_and_resumes_mid_epoch():
-    order = train_order(64, seed=1, global_batch=8, micro=4, world=1, rank=0)
-    epoch0 = torch.cat(list(order.micro_batches(0)))
-    assert sorted(epoch0.tolist()) == list(range(64))
-    assert not torch.equal(epoch0, torch.cat(list(order.micro_batches(1))))
-    other_seed = train_order(64, seed=2, global_batch=8, micro=4, world=1, rank=0)
-    assert not torch.equal(epoch0, torch.cat(list(other_seed.micro_batches(0))))
-    resumed = torch.cat(list(order.micro_batches(0, start_step=3)))
-    assert torch.equal(resumed, epoch0[3 * 8:])
-    limited = train_order(64, seed=1, global_batch=8, micro=4, world=1, rank=0, limit_train_steps=2)
-    assert limited.steps_per_epoch == 2 and torch.equal(torch.cat(list(limited.micro_batches(0))), epoch0[:16])
-
-
-@pytest.mark.parametrize("n", [0, 1, 5, 7, 10, 101])
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
-def test_shard_range_covers_each_index_exactly_once(n, world):
-    shards = [shard_range(n, world, rank) for rank in range(world)]
-    covered = [i for shard in shards for i in shard]
-    assert covered == list(range(n))  # contiguous, in rank order, no gaps or overlaps
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1
-
-
-# ---------------------------------------------------------------------------------------------- augmentation
-
-def raw_batches(images: ImageSet, **kwargs) -> DeviceBatches:
-    """DeviceBatches with mean 0 and std 1/255, so its output is the uint8 pixels as floats."""
-    c = images.images.shape[1]
-    cpu = torch.device("cpu")
-    return DeviceBatches(images, Normalise((0.0,) * c, (1 / 255,) * c, cpu), cpu, **kwargs)
-
-
-@pytest.fixture
-def image_set():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(1, 256, (40, 3, 8, 10), generator=g, dtype=torch.uint8)
-    return ImageSet(images, torch.randint(0, 10, (40,), generator=g))
-
-
 def test_augmentation_off_leaves_images_unchanged(image_set):
     batches = raw_batches(image_set, seed=3, crop_padding=0, flip=False)
     index = torch.tensor([5, 0, 39, 17])
@@ -332,8 +399,6 @@ def test_crop_and_flip_are_real_crops_and_flips(image_set):
         assert torch.equal(flip_only[i], original) or torch.equal(flip_only[i], original.flip(-1))
 
 
-# ---------------------------------------------------------------------------------------------- loaders
-
 def test_torchvision_loader_path_trains(train_main, mnist_root, tmp_path):
     """The DataLoader path trains on the same batches as the device path: same losses, same result."""
     common = ["--config", "mnist", f"data.root={mnist_root}", "data.val_fraction=0", "train.epochs=1",
@@ -378,28 +443,3 @@ def test_fashion_mnist_trains(train_main, fashion_mnist_root):
     s = summary(result.run_root / "mnist")
     assert s["steps"] == 256 // 32 and s["final"]["test"]["samples"] == 100
 
-
-def test_top5_accuracy_is_not_merged_with_top1():
-    """A first batch that is all correct must not tie top-5 to top-1 for the rest of the evaluation."""
-    import contextlib
-
-    import torch
-
-    from runner.metrics import Evaluator
-
-    logits = torch.tensor([[9.0, 1, 0, 0, 0, 0, 0, 0, 0, 0]] * 4 + [[0.0, 9, 8, 7, 6, 5, 0, 0, 0, 0]] * 4)
-    labels = torch.tensor([0] * 4 + [3] * 4)  # second half: top-1 wrong, top-5 right
-    model = torch.nn.Identity()
-    batches = [(logits[:4], labels[:4]), (logits[4:], labels[4:])]
-    results = Evaluator(10, "cpu").run(model, batches, contextlib.nullcontext)
-    assert results["accuracy"] == 0.5 and results["top5_accuracy"] == 1.0 and results["samples"] == 8
-
-
-def test_per_sample_bits_match_the_batched_ones():
-    from runner.data.order import sample_bits, sample_bits_one
-
-    index = torch.tensor([0, 1, 7, 49_999, 1 << 20])
-    for seed, epoch in ((0, 0), (3, 11), (12345, 2)):
-        batched = sample_bits(seed, epoch, index)
-        for i, bits in zip(index.tolist(), batched.tolist()):
-            assert sample_bits_one(seed, epoch, i) & ((1 << 63) - 1) == bits & ((1 << 63) - 1)

@@ -2,38 +2,136 @@
 
 Every launch here is tiny (digits or synthetic data, one thread per process), but process start-up
 dominates: each worker imports torch, accelerate and torchmetrics. The world-size runs are shared by
-several tests through a module fixture.
+several tests through a module fixture. The launch checks of runner/distributed.py (ranks that do not
+meet, a launcher's precision) are here too.
 """
 from __future__ import annotations
 
 import json
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.dist_helpers import (QUIET, TORCHRUN, Background, accelerate_config, checkpoints, error_lines,
-                                final_checkpoint, machine, read_weights, torchrun)
-from tests.util import BIN, REPO, clean_env, free_port, read_jsonl, run_train, summary
+from tests.dist_helpers import (TORCHRUN, Background, accelerate_config, checkpoints, error_lines, final_checkpoint,
+                                machine, read_weights)
+from tests.util import (BIN, DIGITS, DISK_ARGS, QUIET_LINES, REPO, RESUMABLE, SHORT_EPOCH, STOP_AT, clean_env,
+                        free_port, last_weights, max_relative_difference, ok, read_jsonl, run_train, summary, torchrun)
 
-pytestmark = pytest.mark.slow
 
 LAUNCH = REPO / "launch"
+
+
 # linear on digits: no dropout, no BatchNorm, no augmentation, so the world size must not matter
 INVARIANT = ["--config", "digits", "train.epochs=2", "train.global_batch_size=64", "train.micro_batch_size=16",
-             "train.seed=3", *QUIET]
+             "train.seed=3", *QUIET_LINES]
+
+
 METRICS = ("accuracy", "top5_accuracy", "precision", "recall", "f1", "samples")
 
 
-def ok(result, what: str = "run"):
-    assert result.returncode == 0, (f"{what} failed ({result.returncode})\n--- stdout\n{result.stdout[-4000:]}"
-                                    f"\n--- stderr\n{result.stderr[-6000:]}")
-    return result
+@pytest.fixture(scope="module")
+def world_runs(tmp_path_factory):
+    """The same run on 1 process (accumulation 4), 2 through accelerate, 2 through torchrun and 4 processes
+    (accumulation 1): {label: (run_dir, completed process)}."""
+    tmp = tmp_path_factory.mktemp("worlds")
+    launches = {
+        "1": accelerate_config("cpu_1"),
+        "2-accelerate": accelerate_config("cpu_multi"),
+        "2-torchrun": torchrun(2),
+        "4": accelerate_config("cpu_multi", "--num_processes", "4"),
+    }
+    runs = {}
+    for label, launcher in launches.items():
+        result = run_train(INVARIANT + [f"run.name=w{label}"], tmp, launcher=launcher, timeout=400)
+        runs[label] = (tmp / "runs" / f"w{label}", ok(result, f"world {label}"))
+    return runs
 
 
-# ---------------------------------------------------------------------------------------------- launch configs
+def run_part(train_main, tmp_path, processes: int, args: list[str]):
+    """One process in-process (fast), several under torchrun."""
+    if processes == 1:
+        return ok(train_main(args))
+    return ok(run_train(args, tmp_path, launcher=torchrun(processes)))
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_digits_preset_ends_the_same_on_any_world_size(tmp_path, train_main, world):
+    ok(train_main(DIGITS + SHORT_EPOCH + ["run.name=w1"]))
+    ok(run_train(DIGITS + SHORT_EPOCH + [f"run.name=w{world}"], tmp_path, launcher=torchrun(world)))
+    run_dir = tmp_path / "runs" / f"w{world}"
+    difference = max_relative_difference(last_weights(run_dir), last_weights(tmp_path / "runs" / "w1"))
+    print(f"digits preset, 1 vs {world} processes: max relative difference {difference:.3g}")
+    assert difference <= 1e-5
+    assert summary(run_dir)["world_size"] == world and summary(run_dir)["steps"] == 8
+
+
+@pytest.mark.parametrize("case, first, then", [
+    pytest.param("2 -> 1 processes", (2, 32), (1, 32), marks=pytest.mark.slow),
+    pytest.param("1 -> 2 processes", (1, 32), (2, 32), marks=pytest.mark.slow),
+    ("micro 32 -> 16", (1, 32), (1, 16)),
+])
+def test_resume_on_another_world_or_micro_batch_continues_the_trajectory(tmp_path, train_main, case, first, then):
+    """(processes, micro batch): the first launch leaves a checkpoint at STOP_AT, the second resumes from it."""
+    run_part(train_main, tmp_path, 1, RESUMABLE + ["train.micro_batch_size=32", "run.name=whole"])
+    args = RESUMABLE + ["run.name=parts", "checkpoint.keep_last=10"]
+    run_part(train_main, tmp_path, first[0], args + [f"train.micro_batch_size={first[1]}",
+                                                     f"checkpoint.every_steps={STOP_AT}"])
+    checkpoint = tmp_path / "runs" / "parts" / "checkpoints" / f"step_{STOP_AT:08d}"
+    resumed = run_part(train_main, tmp_path, then[0], args + [f"train.micro_batch_size={then[1]}",
+                                                              f"resume={checkpoint}"])
+    assert f"resumed from {checkpoint}" in resumed.stdout, resumed.stdout[-3000:]
+    run_dir = tmp_path / "runs" / "parts"
+    assert summary(run_dir)["steps"] == 12 and summary(run_dir)["segments"] == 2
+    difference = max_relative_difference(last_weights(run_dir), last_weights(tmp_path / "runs" / "whole"))
+    print(f"resume {case}: max relative difference to the uninterrupted run {difference:.3g}")
+    assert difference <= 1e-5
+
+
+def test_srun_tasks_without_ranks_are_refused(tmp_path):
+    """`srun -n2 python runner/train.py` would start two copies that each train on everything."""
+    env = clean_env(tmp_path, SLURM_STEP_NUM_TASKS=2, SLURM_JOB_ID=4242, SLURM_PROCID=0)
+    result = run_train(DISK_ARGS, tmp_path, env=env)
+    assert result.returncode == 2 and "launch/slurm_task.sh" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_launcher_precision_must_agree_with_the_config(train_main, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    result = train_main(DISK_ARGS)
+    assert result.returncode == 2 and "train.mixed_precision=bf16" in result.stderr
+    agreed = train_main(DISK_ARGS + ["train.mixed_precision=bf16", "dist.allow_emulated_bf16=true"])
+    assert agreed.returncode == 0 and "precision bf16" in agreed.stdout
+
+
+@pytest.mark.slow
+def test_a_rank_lost_during_a_save_is_a_lost_rank(tmp_path):
+    port, run_dir = free_port(), tmp_path / "runs" / "saving"
+    args = [str(REPO / "runner/train.py"), *DIGITS, "model.name=simple_cnn", "model.kwargs={width: 64, hidden: 512}",
+            "train.epochs=100", "checkpoint.every_steps=1", "checkpoint.keep_last=1", "log.every_steps=1",
+            "dist.timeout_s=30", "run.name=saving", f"run.root={tmp_path / 'runs'}"]
+    nodes = [Background(machine(rank, 2, port) + args, tmp_path) for rank in range(2)]
+    try:
+        victim = nodes[1].worker(1, timeout=240)
+        nodes[0].wait_for(lambda: any(" step 2/" in line for line in nodes[0].lines), 240, "training steps")
+        nodes[0].wait_for(lambda: any((run_dir / "checkpoints").glob(".tmp-step_*")), 60, "a save in progress")
+        victim.kill()
+        rc = nodes[0].wait(90)
+        assert rc is not None and rc != 0, nodes[0].tail()
+        output = nodes[0].output
+        print("\n".join(line for line in output.splitlines() if "error:" in line or "exitcode" in line))
+        assert "another rank died" in output, output[-3000:]
+        assert "cannot write checkpoint" not in output and "exitcode  : 2" not in output, output[-3000:]
+        assert "exitcode  : 3" in output, output[-3000:]
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+@pytest.mark.slow
 def test_launch_configs_parse_and_emulate_nodes_script_is_valid():
     """Every launch/*.yaml loads with accelerate's own reader; the emulation script passes `bash -n`."""
     import subprocess
@@ -60,26 +158,7 @@ def test_launch_configs_parse_and_emulate_nodes_script_is_valid():
     assert usage.returncode == 2 and "no script given" in usage.stderr
 
 
-# ---------------------------------------------------------------------------------------------- world sizes
-
-@pytest.fixture(scope="module")
-def world_runs(tmp_path_factory):
-    """The same run on 1 process (accumulation 4), 2 through accelerate, 2 through torchrun and 4 processes
-    (accumulation 1): {label: (run_dir, completed process)}."""
-    tmp = tmp_path_factory.mktemp("worlds")
-    launches = {
-        "1": accelerate_config("cpu_1"),
-        "2-accelerate": accelerate_config("cpu_multi"),
-        "2-torchrun": torchrun(2),
-        "4": accelerate_config("cpu_multi", "--num_processes", "4"),
-    }
-    runs = {}
-    for label, launcher in launches.items():
-        result = run_train(INVARIANT + [f"run.name=w{label}"], tmp, launcher=launcher, timeout=400)
-        runs[label] = (tmp / "runs" / f"w{label}", ok(result, f"world {label}"))
-    return runs
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("label", ["2-accelerate", "2-torchrun"])
 def test_two_processes_complete_and_only_the_main_process_writes(world_runs, label):
     run_dir, result = world_runs[label]
@@ -105,6 +184,7 @@ def test_two_processes_complete_and_only_the_main_process_writes(world_runs, lab
     assert final_checkpoint(run_dir).name == f"step_{s['steps']:08d}"
 
 
+@pytest.mark.slow
 def test_world_size_invariance(world_runs):
     """global 64 = 16 x 4 x 1 = 16 x 2 x 2 = 16 x 1 x 4: the same weights and the same metrics."""
     reference_dir, _ = world_runs["1"]
@@ -127,6 +207,7 @@ def test_world_size_invariance(world_runs):
         assert metrics["loss"] == pytest.approx(ref_metrics["loss"], rel=1e-5), label
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_is_exact(world_runs, tmp_path):
     """evaluate.py on 1, 2 and 3 processes: 359 test samples are not a multiple of world x 16.
 
@@ -160,8 +241,7 @@ def test_distributed_evaluation_is_exact(world_runs, tmp_path):
     assert summary(run_dir)["final"]["test"]["accuracy"] == reference["accuracy"]
 
 
-# ---------------------------------------------------------------------------------------------- sharding
-
+@pytest.mark.slow
 def test_ranks_see_disjoint_shards(tmp_path):
     num_train, global_batch, micro, num_eval, world = 1000, 96, 16, 359, 3
     out = tmp_path / "probe"
@@ -195,8 +275,7 @@ def test_ranks_see_disjoint_shards(tmp_path):
     assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
 
 
-# ---------------------------------------------------------------------------------------------- nodes
-
+@pytest.mark.slow
 def test_two_machines_complete_a_run_together(tmp_path):
     """launch/emulate_nodes.sh: two `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip
     127.0.0.1` on this host."""
@@ -206,7 +285,7 @@ def test_two_machines_complete_a_run_together(tmp_path):
     env = clean_env(tmp_path, ACCELERATE=BIN / "accelerate")
     result = subprocess.run(["bash", str(LAUNCH / "emulate_nodes.sh"), "-n", "2", "-l", str(tmp_path / "logs"),
                              str(REPO / "runner/train.py"), "--config", "digits", "train.epochs=1",
-                             "train.limit_train_steps=4", "run.name=nodes", f"run.root={run_root}", *QUIET],
+                             "train.limit_train_steps=4", "run.name=nodes", f"run.root={run_root}", *QUIET_LINES],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     logs = {i: (tmp_path / "logs" / f"node_{i}.log").read_text() for i in range(2)}
     assert result.returncode == 0, f"{result.stderr}\n--- node 0\n{logs[0][-3000:]}\n--- node 1\n{logs[1][-3000:]}"
@@ -216,6 +295,7 @@ def test_two_machines_complete_a_run_together(tmp_path):
     assert "completed after" not in logs[1]  # machine 1 holds rank 1 only: it prints nothing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_lost_rank_on_other_machine_does_not_hang_the_run(tmp_path, how):
     """Machine 1's only rank dies (SIGKILL) or hangs (SIGSTOP) mid-run. Machine 0's launcher cannot see it,
@@ -223,7 +303,7 @@ def test_lost_rank_on_other_machine_does_not_hang_the_run(tmp_path, how):
     timeout_s, port = 20, free_port()
     args = [str(REPO / "runner/train.py"), "--config", "digits", "data.name=synthetic",
             "data.synthetic_shape=[1,28,28]", "data.synthetic_size=4096", "train.epochs=1000", "log.every_steps=1",
-            f"dist.timeout_s={timeout_s}", "run.name=lost", f"run.root={tmp_path / 'runs'}", *QUIET]
+            f"dist.timeout_s={timeout_s}", "run.name=lost", f"run.root={tmp_path / 'runs'}", *QUIET_LINES]
     nodes = [Background(machine(rank, 2, port) + args, tmp_path) for rank in range(2)]
     try:
         nodes[0].wait_for(lambda: any(" step 3/" in line for line in nodes[0].lines), 240, "training steps")
@@ -244,6 +324,7 @@ def test_lost_rank_on_other_machine_does_not_hang_the_run(tmp_path, how):
             node.stop()
 
 
+@pytest.mark.slow
 def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     """torchrun --max-restarts 1: SIGKILL a worker after a checkpoint exists; the group restarts, resumes
     and completes."""
@@ -260,7 +341,7 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
         str(REPO / "runner/train.py"), "--config", "digits", "data.name=synthetic", "data.synthetic_shape=[1,28,28]",
         "data.synthetic_size=4096", "train.epochs=100", f"train.max_steps={total}", "eval.every_epochs=0",
         "checkpoint.every_steps=50", "checkpoint.every_epochs=0", "log.every_steps=50", "dist.timeout_s=30",
-        "run.name=elastic", f"run.root={tmp_path / 'runs'}", *QUIET], tmp_path, env)
+        "run.name=elastic", f"run.root={tmp_path / 'runs'}", *QUIET_LINES], tmp_path, env)
     try:
         launch.wait_for(lambda: bool(checkpoints(run_dir)), 240, "a first checkpoint")
         assert not (run_dir / "summary.json").exists()
@@ -284,11 +365,10 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == total
 
 
-# ---------------------------------------------------------------------------------------------- failures
-
+@pytest.mark.slow
 def test_world_larger_than_the_dataset_is_one_clear_error(tmp_path):
     result = run_train(["--config", "digits", "data.name=synthetic", "data.synthetic_size=1", "data.val_fraction=0",
-                        "data.synthetic_shape=[1,28,28]", "train.micro_batch_size=1", "run.name=tiny", *QUIET],
+                        "data.synthetic_shape=[1,28,28]", "train.micro_batch_size=1", "run.name=tiny", *QUIET_LINES],
                        tmp_path, launcher=torchrun(2), timeout=300)
     assert result.returncode != 0
     # the launcher reports each worker's own status: the runner's user-error code 2, not a crash
@@ -302,22 +382,22 @@ def test_world_larger_than_the_dataset_is_one_clear_error(tmp_path):
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
-# ---------------------------------------------------------------------------------------------- precision
-
+@pytest.mark.slow
 def test_bf16_launch_config_with_matching_runner_setting_runs_bf16(tmp_path):
     result = ok(run_train(["--config", "digits", "train.fast_dev_run=2", "train.mixed_precision=bf16",
-                                   "dist.allow_emulated_bf16=true", *QUIET],
+                                   "dist.allow_emulated_bf16=true", *QUIET_LINES],
                           tmp_path, launcher=accelerate_config("cpu_multi_bf16")), "cpu_multi_bf16")
     assert "| world 2 x cpu | precision bf16 |" in result.stdout
 
 
+@pytest.mark.slow
 def test_launch_precision_is_not_silently_dropped(tmp_path):
     """`accelerate launch --config_file launch/cpu_multi_bf16.yaml` (mixed_precision: bf16) without
     train.mixed_precision: the run must use bf16 or refuse with one line, never run fp32 quietly.
 
     The runner passes Accelerator(mixed_precision=train.mixed_precision), and an explicit value overrides
     the launcher's ACCELERATE_MIXED_PRECISION: without a check, the launch config's bf16/fp16 is dropped."""
-    result = run_train(["--config", "digits", "train.fast_dev_run=2", *QUIET], tmp_path,
+    result = run_train(["--config", "digits", "train.fast_dev_run=2", *QUIET_LINES], tmp_path,
                        launcher=accelerate_config("cpu_multi_bf16"))
     used_bf16 = result.returncode == 0 and "precision bf16" in result.stdout
     refused = result.returncode != 0 and any("bf16" in line for line in error_lines(result.stderr))
@@ -325,10 +405,12 @@ def test_launch_precision_is_not_silently_dropped(tmp_path):
                                   f"{[l for l in result.stdout.splitlines() if '| precision' in l]}")
 
 
+@pytest.mark.slow
 def test_dist_debug_turns_on_torch_debugging_and_says_where_dumps_go(tmp_path):
     """dist.debug=true on 2 ranks: the run still trains, and the header names the flight-recorder folder."""
     result = ok(run_train(["--config", "digits", "train.epochs=1", "train.limit_train_steps=2", "dist.debug=true",
-                           "run.name=debug", *QUIET], tmp_path, launcher=torchrun(2)), "dist.debug")
+                           "run.name=debug", *QUIET_LINES], tmp_path, launcher=torchrun(2)), "dist.debug")
     dumps = tmp_path / "runs" / "debug" / "flight_recorder"
     assert f"dumps on a collective timeout go to {dumps}/rank_<N>" in result.stdout, result.stdout[-2000:]
     assert dumps.is_dir()
+

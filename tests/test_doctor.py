@@ -12,17 +12,11 @@ import pytest
 
 from tests.dist_helpers import ACCELERATE, TORCHRUN, Background, error_lines, machine
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
-from tests.util import PYTHON, REPO, clean_env, free_port
+from tests.util import PYTHON, REPO, clean_env, free_port, ok
 
 DOCTOR = str(REPO / "runner" / "doctor.py")
 SIZES = ["1 KB", "4 KB", "16 KB", "64 KB", "256 KB", "1 MB", "4 MB", "16 MB", "64 MB"]
 ROW = re.compile(r"^\s+(\d+ [KMG]?B)\s+(\d+)\s+([\d.]+)\s+([\d.]+|-)$", re.M)
-
-
-def ok(result, what: str = "doctor") -> str:
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, f"{what} exited {result.returncode}\n{out[-5000:]}"
-    return result.stdout
 
 
 def all_reduce_rows(output: str) -> dict[str, tuple[int, float, float | None]]:
@@ -74,7 +68,7 @@ def test_help_and_bad_flags(tmp_path):
 def test_one_process_is_healthy(tmp_path):
     result = subprocess.run([PYTHON, DOCTOR, "--max-size", "16KB"], cwd=REPO, env=clean_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
-    out = ok(result)
+    out = ok(result, "doctor").stdout
     assert "1 of 1 ranks joined" in out and "checks: all passed" in out and "healthy: 1 rank(s)" in out
     rows = rank_rows(out)
     assert [r[:3] for r in rows] == [["0", "0", "1"]] and "cpu" in rows[0] and "gloo" in rows[0]
@@ -93,7 +87,7 @@ def test_two_processes_join_and_time_all_reduces(tmp_path, launcher):
         cmd, env, sizes = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(port)], clean_env(tmp_path), SIZES[:4]
     result = subprocess.run([*cmd, DOCTOR, "--max-size", sizes[-1].replace(" ", "")], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
-    out = ok(result, launcher)
+    out = ok(result, launcher).stdout
     assert "2 of 2 ranks joined on 1 node(s)" in out and "checks: all passed" in out
     rows = rank_rows(out)
     assert [r[:3] for r in rows] == [["0", "0", "2"], ["1", "1", "2"]], out

@@ -1,5 +1,6 @@
-"""Training on a folder of one's own images: layout, decoding, the cache, both data paths, prediction, and a
-clear line for each kind of bad input."""
+"""Image folders (runner/folder.py, runner/prepare_data.py): classes, sizes and channels, the cache, the
+lazy torchvision path, and bad folders.
+"""
 from __future__ import annotations
 
 import json
@@ -12,38 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from runner.errors import ConfigError
 from runner.data.splits import DataConfig, data_card, load_splits
-from tests.conftest import QUIET
-from tests.test_config import error_line
-from tests.sample_files import CLASSES, SIZES, class_image, write_folder  # noqa: F401
-from tests.util import summary
+from runner.prepare_data import main as prepare_data_main
 
-@pytest.fixture(scope="module")
-def image_root(folder_root) -> Path:
-    """A read-only-by-convention image folder; tests that damage or cache it use a copy."""
-    return folder_root
-
-
-@pytest.fixture
-def images(image_root, copy_data) -> Path:
-    return copy_data(image_root)
-
-
-def folder_args(root: Path, *extra: str) -> list[str]:
-    return ["--config", "digits", "data.name=folder", f"data.root={root}", "model.name=linear", "model.kwargs={}",
-            "train.epochs=4", "train.micro_batch_size=12", "train.global_batch_size=12", *QUIET,
-            *extra]
-
-
-@pytest.fixture
-def command(capsys):
-    """command(main, args) -> (exit code, stdout, stderr) of a command's main() run in this process."""
-    def call(main, args: list) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = main([str(a) for a in args])
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-    return call
+from tests.sample_files import CLASSES, write_folder
+from tests.util import REPO, clean_env, error_line, folder_args, run_train, summary, torchrun
 
 
 def cache_files(root: Path) -> dict[str, int]:
@@ -56,7 +31,45 @@ def newest_weights(run_dir: Path) -> dict:
     return load_file(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
 
 
-# ---------------------------------------------------------------------------------------------- reading
+def corrupt(root: Path) -> str:
+    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    return "broken.png"
+
+
+def truncated(root: Path) -> str:
+    data = (root / "train" / "fish" / "001.jpg").read_bytes()
+    (root / "train" / "fish" / "cut.jpg").write_bytes(data[:len(data) // 2])
+    return "cut.jpg"
+
+
+def empty_class(root: Path) -> str:
+    (root / "train" / "zebra").mkdir()
+    (root / "train" / "zebra" / "readme.txt").write_text("images go here")
+    return "zebra is an empty class folder"
+
+
+def unknown_test_class(root: Path) -> str:
+    (root / "test" / "cat").rename(root / "test" / "kitten")
+    return "class 'kitten' is not in"
+
+
+def no_train(root: Path) -> str:
+    (root / "train").rename(root / "training")
+    return "train does not exist"
+
+
+def no_images(root: Path) -> str:
+    for path in sorted(root.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (root / "train").mkdir()
+    (root / "test").mkdir()
+    return "no class folders"
+
+
+def missing_root(root: Path) -> str:
+    shutil.rmtree(root)
+    return "does not exist or is not a folder"
+
 
 def test_folder_reads_classes_sizes_channels_and_skips_non_images(images):
     from PIL import Image
@@ -110,12 +123,8 @@ def test_lazy_files_decode_exactly_the_cached_pixels(images):
     assert torch.equal(torch.stack([lazy.test.images[i] for i in range(len(lazy.test))]), cached.test.images)
 
 
-# ---------------------------------------------------------------------------------------------- the cache
-
 def test_cache_is_built_once_reused_and_rebuilt_when_a_file_changes(images, command):
-    from runner.prepare_data import main
-
-    first = command(main, ["--config", "digits", "data.name=folder", f"data.root={images}"])
+    first = command(prepare_data_main, ["--config", "digits", "data.name=folder", f"data.root={images}"])
     assert first.returncode == 0, first.stderr
     assert "decoding 96 images" in first.stdout and "cache built" in first.stdout
     built = cache_files(images)
@@ -160,9 +169,6 @@ def test_train_caches_then_reuses_and_both_paths_give_the_same_weights(train_mai
 @pytest.mark.slow
 def test_two_processes_decode_once(images, tmp_path):
     """The main process builds the cache while the other waits, then reads it: one decode, same data."""
-    from tests.dist_helpers import torchrun
-    from tests.util import run_train
-
     args = folder_args(images, "run.name=two", "train.micro_batch_size=6")
     result = run_train(args, tmp_path, launcher=torchrun(2))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,88 +176,11 @@ def test_two_processes_decode_once(images, tmp_path):
     assert len(cache_files(images)) == 2 and summary(tmp_path / "runs" / "two")["world_size"] == 2
 
 
-# ---------------------------------------------------------------------------------------------- prediction
-
-@pytest.mark.slow
-def test_predict_classifies_the_training_images(train_main, command, images, tmp_path):
-    from runner.predict import main
-
-    trained = train_main(folder_args(images, "run.name=model"))
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "model"
-    card = json.loads((run_dir / "data.json").read_text())  # what prediction preprocesses with
-    assert card == data_card(load_splits(DataConfig(name="folder", root=str(images)), seed=0))
-    plain = command(main, ["--checkpoint", run_dir, images / "train", images / "test" / "dog" / "000.png"])
-    assert plain.returncode == 0, plain.stderr
-    rows = [line.split("\t") for line in plain.stdout.splitlines()]
-    assert len(rows) == 72 + 1 and all(len(row) == 3 for row in rows)  # notes.txt is not an image
-    right = sum(Path(path).parent.name == cls for path, cls, _ in rows)
-    assert right >= 0.9 * len(rows) and all(0 < float(p) <= 1 for _, _, p in rows)
-    checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    ranked = command(main, ["--checkpoint", checkpoint, "--top", "2", "--json", images / "test" / "fish"])
-    assert ranked.returncode == 0, ranked.stderr
-    records = [json.loads(line) for line in ranked.stdout.splitlines()]
-    assert len(records) == 8 and all(len(r["predictions"]) == 2 for r in records)
-    for record in records:
-        first, second = record["predictions"]
-        assert first["class"] != second["class"] and first["probability"] >= second["probability"]
-    top3 = command(main, ["--checkpoint", run_dir, "--top", "5", images / "test" / "cat" / "001.jpg"])
-    assert [len(line.split("\t")) for line in top3.stdout.splitlines()] == [1 + 2 * 3]  # at most the 3 classes
-    for args, named in (([images / "missing.png"], "missing.png"), ([images / "train" / "cat" / "notes.txt"],
-                                                                    "notes.txt")):
-        line = error_line(command(main, ["--checkpoint", run_dir, *args]))
-        assert named in line
-
-
-# ---------------------------------------------------------------------------------------------- bad input
-
-def corrupt(root: Path) -> str:
-    (root / "train" / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-    return "broken.png"
-
-
-def truncated(root: Path) -> str:
-    data = (root / "train" / "fish" / "001.jpg").read_bytes()
-    (root / "train" / "fish" / "cut.jpg").write_bytes(data[:len(data) // 2])
-    return "cut.jpg"
-
-
-def empty_class(root: Path) -> str:
-    (root / "train" / "zebra").mkdir()
-    (root / "train" / "zebra" / "readme.txt").write_text("images go here")
-    return "zebra is an empty class folder"
-
-
-def unknown_test_class(root: Path) -> str:
-    (root / "test" / "cat").rename(root / "test" / "kitten")
-    return "class 'kitten' is not in"
-
-
-def no_train(root: Path) -> str:
-    (root / "train").rename(root / "training")
-    return "train does not exist"
-
-
-def no_images(root: Path) -> str:
-    for path in sorted(root.rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    (root / "train").mkdir()
-    (root / "test").mkdir()
-    return "no class folders"
-
-
-def missing_root(root: Path) -> str:
-    shutil.rmtree(root)
-    return "does not exist or is not a folder"
-
-
 @pytest.mark.parametrize("damage", [corrupt, truncated, empty_class, unknown_test_class, no_train, no_images,
                                     missing_root])
 def test_bad_folder_is_one_line_naming_it(images, command, damage):
-    from runner.prepare_data import main
-
     expected = damage(images)
-    line = error_line(command(main, ["--config", "digits", "data.name=folder", f"data.root={images}"]))
+    line = error_line(command(prepare_data_main, ["--config", "digits", "data.name=folder", f"data.root={images}"]))
     assert expected in line and str(images) in line
     assert not list((images / ".cache").glob("folder-*"))  # nothing cached from a bad folder
 
@@ -271,16 +200,12 @@ def test_corrupt_image_stops_training(train_main, images):
 
 @pytest.mark.parametrize("name", ["digits", "synthetic"])
 def test_data_root_for_a_dataset_that_reads_no_files(name, tmp_path):
-    from runner.errors import ConfigError
-
     with pytest.raises(ConfigError, match=f"data.root={tmp_path}.*data.name={name} reads no files"):
         DataConfig(name=name, root=str(tmp_path)).validate()
     DataConfig(name=name).validate()  # the default root is fine
 
 
 def test_folder_settings_are_refused_for_other_datasets():
-    from runner.errors import ConfigError
-
     with pytest.raises(ConfigError, match=r"data.image_size=\[8, 8\] applies to data.name=folder only"):
         DataConfig(name="mnist", image_size=[8, 8]).validate()
     with pytest.raises(ConfigError, match=r"data.image_size=\[1, 2, 3\]: expected \[height, width\]"):
@@ -292,10 +217,9 @@ def test_scripts_run_from_anywhere_and_help_is_quick(script, tmp_path):
     import sys
     import time
 
-    from tests.util import REPO, clean_env
-
     started = time.perf_counter()
     result = subprocess.run([sys.executable, str(REPO / "runner" / script), "--help"], cwd=tmp_path,
                             env=clean_env(tmp_path), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "python runner/" in result.stdout, result.stderr
     assert "torch" not in result.stderr and time.perf_counter() - started < 5  # torch is not imported for --help
+

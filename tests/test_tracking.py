@@ -1,7 +1,10 @@
-"""What a run reports: TensorBoard events, curves.png, console output, summary figures."""
+"""What a run reports (runner/tracking.py, runner/plot.py): TensorBoard events, curves.png, console output,
+metrics.jsonl, summary.json and its throughput figures, and time that is continuous across resumes.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -9,22 +12,109 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from PIL import Image
 
-from tests.util import PYTHON, REPO, clean_env, read_jsonl
+from runner.config import load_raw
+from runner.data.splits import DataConfig, load_splits
+
+from tests.util import (DIGITS, PYTHON, REPO, RUN_FILES, SHORT_EPOCH, assert_time_is_continuous, clean_env, ok,
+                        read_jsonl, run_train, summary)
+
 
 SHORT = ["--config", "digits", "train.epochs=2", "train.limit_train_steps=10", "log.every_steps=2"]
+
+
+def digits_train_size() -> int:
+    """The preset's training split (it holds out a validation split)."""
+    return len(load_splits(DataConfig(**load_raw("digits")["data"]), seed=0).train)
+
+
+@pytest.fixture(scope="module")
+def digits_process(tmp_path_factory):
+    """One real `runner/train.py --config digits train.epochs=1` process, stdout piped (not a terminal),
+    with the default trackers and plot."""
+    tmp = tmp_path_factory.mktemp("digits_process")
+    result = run_train(["--config", "digits", "train.epochs=1"], tmp)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    return result, tmp / "runs" / "digits"
 
 
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """One real run with the default tracker (TensorBoard) and plot."""
-    from tests.util import run_train
-
     tmp = tmp_path_factory.mktemp("tracked")
     result = run_train(SHORT + ["run.name=tracked"], tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "runs" / "tracked", result
+
+
+def test_time_is_continuous_after_a_max_steps_stop(tmp_path, train_main):
+    args = DIGITS + SHORT_EPOCH + ["run.name=timed", "log.every_steps=1"]
+    ok(train_main(args + ["train.max_steps=4"]))
+    ok(train_main(args))
+    assert_time_is_continuous(tmp_path / "runs" / "timed")
+
+
+def test_piped_output_has_no_carriage_returns_or_ansi_escapes(digits_process):
+    result, _ = digits_process
+    steps = digits_train_size() // 32
+    every = load_raw("digits")["log"]["every_steps"]
+    # progress comes as plain lines (not a bar) at every log.every_steps steps and the last step
+    for step in list(range(every, steps + 1, every)) + [steps]:
+        assert re.search(rf"^epoch 1/1 +step {step}/{steps} ", result.stdout, re.M), step
+    for stream in (result.stdout, result.stderr):
+        assert "\r" not in stream
+        assert "\x1b" not in stream  # every ANSI escape sequence starts with ESC
+
+
+def test_run_directory_files(digits_process):
+    _, run_dir = digits_process
+    assert all((run_dir / f).is_file() for f in RUN_FILES)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["data"]["name"] == "digits"
+    assert saved["train"]["global_batch_size"] == 32  # the resolved value, not 0
+
+
+def test_metrics_jsonl_records(digits_process):
+    _, run_dir = digits_process
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = digits_train_size() // 32
+    every = load_raw("digits")["log"]["every_steps"]
+    for r in records:
+        assert {"step", "epoch", "split", "metrics"} <= r.keys(), r
+        assert isinstance(r["step"], int) and isinstance(r["epoch"], int) and isinstance(r["metrics"], dict)
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(every, steps + 1, every)) + ([steps] if steps % every else [])
+    for r in train:
+        assert r["epoch"] == 0 and math.isfinite(r["metrics"]["loss"])
+        assert r["lr"] > 0 or r["step"] == steps  # the preset's cosine schedule reaches 0 at the last step
+        assert r["throughput"]["img_per_s"] > 0
+    assert not [r for r in records if r["split"] == "test"], "test is evaluated once, at the end, not during training"
+    evals = [r for r in records if r["split"] == "val"]
+    val_size = 1797 - 1797 // 5 - digits_train_size()
+    assert len(evals) == 1 and evals[0]["step"] == steps and evals[0]["epoch"] == 1
+    assert 0 <= evals[0]["metrics"]["accuracy"] <= 1 and evals[0]["metrics"]["samples"] == val_size
+    for split, samples in (("val", val_size), ("test", 1797 // 5)):
+        final = [r for r in records if r["split"] == f"final_{split}"]
+        assert len(final) == 1 and final[0]["metrics"] == summary(run_dir)["final"][split]
+        assert final[0]["metrics"]["samples"] == samples
+
+
+def test_summary_throughput_is_consistent_per_device(digits_process):
+    _, run_dir = digits_process
+    s = summary(run_dir)
+    t = s["throughput"]
+    steps, global_batch = s["steps"], 32
+    assert steps == digits_train_size() // global_batch and t["steps"] == steps
+    for key in ("img_per_s", "img_per_s_per_device", "step_time_ms", "train_seconds", "peak_memory_mb"):
+        assert t[key] > 0, key
+    assert 0 < t["train_seconds"] <= s["wall_seconds"]
+    assert 0 <= t["data_wait_fraction"] <= 1
+    assert t["img_per_s"] == pytest.approx(t["img_per_s_per_device"] * s["world_size"])
+    assert t["img_per_s"] * t["train_seconds"] == pytest.approx(steps * global_batch, rel=1e-6)
+    assert t["step_time_ms"] == pytest.approx(1000 * t["train_seconds"] / steps, rel=1e-6)
 
 
 def test_tensorboard_events_hold_the_logged_scalars(tracked_run):
@@ -121,3 +211,4 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert proc.returncode == 0, out[-2000:]
     assert "\r" in out and "20/20" in out
     assert not re.search(r"^epoch 2/2 +step", out, re.M), "plain lines should give way to the bar"
+
