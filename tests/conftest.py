@@ -56,10 +56,11 @@ def folder_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def copy_data(tmp_path):
-    """copy_data(root) -> a private copy of a dataset root that a test may damage."""
+    """copy_data(root) -> a private copy of a dataset root that a test may damage. A folder cache that
+    another test built in the shared root is left behind: the copy starts without one."""
     def copy(root: Path) -> Path:
         dest = tmp_path / f"data_{Path(root).name}"
-        shutil.copytree(root, dest)
+        shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".cache"))
         return dest
     return copy
 
