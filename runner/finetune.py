@@ -69,8 +69,8 @@ class Freezing:
         if len(self.params) == len(names):
             raise UserError(f"model.freeze={shown(entries)} freezes every parameter of model {model_name}; "
                             f"nothing would train")
-        self.norms = [m for n, m in model.named_modules() if isinstance(m, _NormBase) and n and (
-            frozen(n) or any(p is q for p in m.parameters(recurse=False) for q in self.params))]
+        # A norm module under a frozen prefix keeps its statistics too (a prefix naming only its weight does not).
+        self.norms = [m for n, m in model.named_modules() if n and isinstance(m, _NormBase) and frozen(n)]
         self.until_epoch, self.hooks, self.active = until_epoch, [], False
         self.total = sum(p.numel() for p in model.parameters())
 
