@@ -2,9 +2,11 @@
 
 A checkpoint is written by all ranks into `checkpoints/.tmp-step_N`, then the main process adds
 `run_state.json` and a manifest (every file's size and sha256) and renames the directory to
-`checkpoints/step_N`. A directory is resumed from only if its manifest is well-formed, lists every file in
-the directory and every file a load reads, and each file matches it. `checkpoints/last` and
-`checkpoints/best` are symlinks to the newest and the best checkpoint.
+`checkpoints/step_N`. With train.ema_decay > 0 the main process also writes the weights' average,
+`ema.safetensors` (every rank holds the same one), listed in the manifest like every file. A directory is
+resumed from only if its manifest is well-formed, lists every file in the directory and every file a load
+reads, and each file matches it. `checkpoints/last` and `checkpoints/best` are symlinks to the newest and
+the best checkpoint.
 """
 from __future__ import annotations
 

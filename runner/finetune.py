@@ -7,7 +7,7 @@ the number of classes (the built-in models, torchvision's classifiers).
 
 Frozen parameters have requires_grad=False, so they get no gradient, hence no optimizer state and no weight
 decay (the optimizer skips parameters without a gradient), and their BatchNorm modules stay in eval mode
-(running statistics fixed), even after model.train(). At the start of epoch `model.unfreeze_epoch` they
+(running statistics fixed), even after model.train(). After `model.unfreeze_epoch` epochs (0: never) they
 train again. DDP builds its gradient buckets from the parameters that require a gradient when it wraps the
 model, so on several processes the model is wrapped again at that moment; the loop checks it at every epoch
 start, including the first one after a resume, so a resumed run unfreezes exactly where the original did.

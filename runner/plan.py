@@ -40,7 +40,7 @@ class TrainConfig:
     overfit_batches: int = setting(0, min=0, fingerprint=True)  # train and evaluate on N global batches only
     limit_train_steps: int = setting(0, min=0, fingerprint=True)  # at most N optimizer steps per epoch
     limit_eval_batches: int = setting(0, min=0)             # at most N eval batches (of eval.batch_size)
-    ema_decay: float = setting(0.0, min=0.0, max=1.0, fingerprint=True)  # EMA of the weights (0: off; runner/ema.py)
+    ema_decay: float = setting(0.0, min=0.0, max=1.0, fingerprint=True)  # weights' average (0: off; runner/ema.py)
 
     def validate(self):
         if self.ema_decay >= 1:

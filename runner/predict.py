@@ -5,8 +5,8 @@
 
 --checkpoint takes a checkpoint directory, <run>/checkpoints/best or last, or a run directory (its best
 checkpoint, else its last). --weights chooses the training weights (raw) or their moving average (ema,
-the default when the run kept one: train.ema_decay > 0). Folders are searched recursively for image files; other files in them are
-skipped. Prints one line per image:
+the default when the run kept one: train.ema_decay > 0). Folders are searched recursively for image
+files; other files in them are skipped. Prints one line per image:
 
     path<TAB>class<TAB>probability
 

@@ -12,10 +12,11 @@ from tests.dist_helpers import error_lines
 from tests.util import clean_env, run_train, torchrun
 
 QUIET = ["log.trackers=[]", "log.plot=false", "log.progress=lines"]
-# ResNet-9 (BatchNorm) at width 8 on digits: two epochs of 4 steps, a checkpoint at the end of each.
-RESNET = ["--config", "digits", *QUIET, "model.name=resnet9", "model.kwargs={width: 8}", "train.epochs=2",
-          "train.limit_train_steps=4", "train.global_batch_size=64", "checkpoint.keep_last=10"]
-HEAD = "net.8.weight"  # ResNet-9's classifier: Linear(8 * width, 10, bias=False), 640 parameters
+# ResNet-9 (BatchNorm) at width 4 on digits: two epochs of 4 steps, a checkpoint at the end of each.
+RESNET = ["--config", "digits", *QUIET, "model.name=resnet9", "model.kwargs={width: 4}", "train.epochs=2",
+          "train.limit_train_steps=4", "train.global_batch_size=64", "train.limit_eval_batches=1",
+          "checkpoint.keep_last=10"]
+HEAD = "net.8.weight"  # ResNet-9's classifier: Linear(8 * width, 10, bias=False), 320 parameters
 
 
 def ok(result):
@@ -45,9 +46,9 @@ def optimizer_state(run_dir: Path, step: int) -> dict:
 
 def test_frozen_backbone_and_its_batchnorm_stay_fixed_until_the_unfreeze_epoch(train_main):
     result = ok(train_main(RESNET + ["run.name=frozen", "model.freeze=backbone", "model.unfreeze_epoch=1"]))
-    assert "103,800 parameters (640 train, 103,160 frozen until epoch 2)" in result.stdout, result.stdout
+    assert "26,268 parameters (320 train, 25,948 frozen until epoch 2)" in result.stdout, result.stdout
     run_dir = result.run_root / "frozen"
-    start, epoch1, epoch2 = initial_weights("resnet9", {"width": 8}), weights(run_dir, 4), weights(run_dir, 8)
+    start, epoch1, epoch2 = initial_weights("resnet9", {"width": 4}), weights(run_dir, 4), weights(run_dir, 8)
     backbone = [k for k in start if k != HEAD]
     assert any("running_mean" in k for k in backbone) and any("num_batches_tracked" in k for k in backbone)
     # Epoch 1: every backbone tensor, BatchNorm running statistics and batch counters included, is bit-equal
@@ -60,7 +61,7 @@ def test_frozen_backbone_and_its_batchnorm_stay_fixed_until_the_unfreeze_epoch(t
     frozen_phase, unfrozen_phase = optimizer_state(run_dir, 4), optimizer_state(run_dir, 8)
     head_ids = set(frozen_phase["param_groups"][0]["params"])
     assert len(head_ids) == 1 and set(frozen_phase["state"]) == head_ids
-    assert len(unfrozen_phase["state"]) == len(list(build("resnet9", {"width": 8}).parameters()))
+    assert len(unfrozen_phase["state"]) == len(list(build("resnet9", {"width": 4}).parameters()))
 
 
 def test_backbone_lr_factor_zero_leaves_the_backbone_weights_as_freezing_does(train_main):
@@ -109,7 +110,7 @@ def test_the_classifier_head_is_found_in_builtin_timm_and_torchvision_models():
 def test_frozen_batchnorm_keeps_eval_mode_after_train_calls():
     from runner.finetune import Freezing
 
-    model = build("resnet9", {"width": 8})
+    model = build("resnet9", {"width": 4})
     Freezing(model, ["net.0"], None, 0, "resnet9").freeze()
     frozen_bn, free_bn = model.net[0][1], model.net[1][1]
     before = frozen_bn.running_mean.clone(), free_bn.running_mean.clone()
@@ -134,4 +135,4 @@ def test_resume_in_the_frozen_and_the_unfrozen_phase_on_two_processes_is_bit_ide
         parts = load_file(runs / "parts" / "checkpoints" / "step_00000008" / name)
         assert [k for k in whole if not torch.equal(whole[k], parts[k])] == [], name
     assert [k for k, v in weights(runs / "parts", 3).items() if k != HEAD and not torch.equal(
-        v, initial_weights("resnet9", {"width": 8})[k])] == []
+        v, initial_weights("resnet9", {"width": 4})[k])] == []
