@@ -2,8 +2,9 @@
 
 `model.freeze` names parameter-name prefixes (a prefix matches whole dotted components: `net.1` matches
 `net.1.0.weight`, not `net.10.weight`), or `backbone`: everything but the classifier head. The head is
-`model.get_classifier()` where the model has one (timm), else the last nn.Linear whose out_features equals
-the number of classes (the built-in models, torchvision's classifiers).
+`model.get_classifier()` where the model has one (timm), else the last nn.Linear with out_features, or
+nn.Conv2d with out_channels, equal to the number of classes (the built-in models, torchvision's classifiers,
+squeezenet's 1x1 convolution).
 
 Frozen parameters have requires_grad=False, so they get no gradient, hence no optimizer state and no weight
 decay (the optimizer skips parameters without a gradient), and their BatchNorm modules stay in eval mode
@@ -38,11 +39,12 @@ def classifier_head(model: nn.Module, num_classes: int, model_name: str) -> list
         names = [n for n, m in model.named_modules() if n and any(m is h for h in heads)]
         if names and any(p.numel() for n in names for p in model.get_submodule(n).parameters()):
             return names
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
-    if not linears:
-        raise UserError(f"cannot find the classifier head of model {model_name} (no get_classifier(), no "
-                        f"nn.Linear with {num_classes} outputs); name the frozen parts in model.freeze=[prefix, ...]")
-    return linears[-1:]
+    outputs = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) and m.out_features == num_classes)
+               or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
+    if not outputs:
+        raise UserError(f"cannot find the classifier head of model {model_name} (no get_classifier(), no nn.Linear "
+                        f"or nn.Conv2d with {num_classes} outputs); name the frozen parts in model.freeze=[prefix, ...]")
+    return outputs[-1:]
 
 
 def is_head(name: str, head: list[str]) -> bool:

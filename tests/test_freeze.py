@@ -92,6 +92,7 @@ def test_the_classifier_head_is_found_in_builtin_timm_and_torchvision_models():
     import timm
     import torchvision
 
+    from runner.errors import UserError
     from runner.finetune import classifier_head
     from runner.model import create_model
 
@@ -103,8 +104,9 @@ def test_the_classifier_head_is_found_in_builtin_timm_and_torchvision_models():
                            "t") == ["head"]
     assert classifier_head(torchvision.models.resnet18(num_classes=10), 10, "tv") == ["fc"]
     assert classifier_head(torchvision.models.mobilenet_v3_small(num_classes=10), 10, "tv") == ["classifier.3"]
-    with pytest.raises(Exception, match="cannot find the classifier head of model sq"):
-        classifier_head(torchvision.models.squeezenet1_0(num_classes=10), 10, "sq")  # a convolutional head
+    assert classifier_head(torchvision.models.squeezenet1_0(num_classes=10), 10, "tv") == ["classifier.1"]  # conv
+    with pytest.raises(UserError, match="cannot find the classifier head of model mine"):
+        classifier_head(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 32)), 10, "mine")
 
 
 def test_frozen_batchnorm_keeps_eval_mode_after_train_calls():
