@@ -42,8 +42,9 @@ def classifier_head(model: nn.Module, num_classes: int, model_name: str) -> list
     outputs = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) and m.out_features == num_classes)
                or (isinstance(m, nn.Conv2d) and m.out_channels == num_classes)]
     if not outputs:
-        raise UserError(f"cannot find the classifier head of model {model_name} (no get_classifier(), no nn.Linear "
-                        f"or nn.Conv2d with {num_classes} outputs); name the frozen parts in model.freeze=[prefix, ...]")
+        raise UserError(f"cannot find the classifier head of model {model_name} (no get_classifier(), no "
+                        f"nn.Linear or nn.Conv2d with {num_classes} outputs); name the frozen parts in "
+                        f"model.freeze=[prefix, ...]")
     return outputs[-1:]
 
 
