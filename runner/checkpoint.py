@@ -2,9 +2,11 @@
 
 A checkpoint is written by all ranks into `checkpoints/.tmp-step_N`, then the main process adds
 `run_state.json` and a manifest (every file's size and sha256) and renames the directory to
-`checkpoints/step_N`. A directory is resumed from only if its manifest is well-formed, lists every file in
-the directory and every file a load reads, and each file matches it. `checkpoints/last` and
-`checkpoints/best` are symlinks to the newest and the best checkpoint.
+`checkpoints/step_N`. With train.ema_decay > 0 the main process also writes the weights' average,
+`ema.safetensors` (every rank holds the same one), listed in the manifest like every file. A directory is
+resumed from only if its manifest is well-formed, lists every file in the directory and every file a load
+reads, and each file matches it. `checkpoints/last` and `checkpoints/best` are symlinks to the newest and
+the best checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from runner.config import setting
 from runner.distributed import is_main_rank
+from runner.ema import EMA_FILE
 from runner.errors import UserError, first_line, lost_another_rank
 from runner.rundir import FingerprintError, RunDir, check_fingerprint
 from runner.state import STATE_FILE, RunState, checkpoint_name, due
@@ -135,8 +138,8 @@ class Checkpointer:
     """Saves, finds and loads the run's checkpoints, and says when one is due. A run that writes nothing
     has a disabled one: never due, nothing to resume, nothing saved."""
 
-    def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log=print):
-        self.accelerator, self.cfg, self.log = accelerator, cfg, log
+    def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log=print, ema=None):
+        self.accelerator, self.cfg, self.log, self.ema = accelerator, cfg, log, ema
         self.enabled = run_dir.enabled
         self.dir = run_dir.checkpoints
 
@@ -173,6 +176,8 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
+            if is_main_rank() and self.ema is not None:  # every rank holds the same average
+                self.ema.save(tmp / EMA_FILE)
             acc.wait_for_everyone()
             if is_main_rank():
                 self.seal(tmp, final, state)
@@ -256,6 +261,11 @@ class Checkpointer:
             self.accelerator.load_state(str(path))
         except Exception as e:  # torch/safetensors raise many types for a bad file
             raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
+        if self.ema is not None:  # the average goes on from where it was, never restarted from the weights
+            try:
+                self.ema.load(path / EMA_FILE)
+            except UserError as e:
+                raise CheckpointError(str(e)) from None
         return state
 
     def check_rng_state(self, path: Path) -> None:

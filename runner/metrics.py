@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from runner.config import setting
 from runner.state import due
 
-MONITORABLE = ["accuracy", "loss", "top5_accuracy", "precision", "recall", "f1"]
+METRICS = ["accuracy", "loss", "top5_accuracy", "precision", "recall", "f1"]
+# ema_*: the same metrics of the weights' moving average (train.ema_decay > 0), evaluated beside the weights.
+MONITORABLE = METRICS + [f"ema_{name}" for name in METRICS]
 
 
 @dataclass
@@ -25,15 +27,15 @@ class EvalConfig:
 
     @property
     def mode(self) -> str:
-        return "min" if self.monitor == "loss" else "max"
+        return "min" if self.monitor.endswith("loss") else "max"
 
 
 class Validation:
     """Evaluation of a run: on the held-out split when it is due, and on any split at the end. The
     torchmetrics evaluator is built at the first evaluation: torchmetrics takes seconds to import."""
 
-    def __init__(self, cfg: EvalConfig, ctx, batches, splits):
-        self.cfg, self.acc, self.plan, self.batches = cfg, ctx.acc, ctx.plan, batches
+    def __init__(self, cfg: EvalConfig, ctx, batches, splits, ema=None):
+        self.cfg, self.acc, self.plan, self.batches, self.ema = cfg, ctx.acc, ctx.plan, batches, ema
         self.split, self.split_name = splits.eval, splits.eval_split
         self.num_classes, self.class_names = splits.num_classes, splits.class_names
         self.evaluator: Evaluator | None = None
@@ -49,8 +51,16 @@ class Validation:
         return self.last
 
     def evaluate(self, model, split) -> dict:
+        """The model's metrics on `split`; with an EMA, those of the average too, as ema_<metric>."""
         if self.evaluator is None:
             self.evaluator = Evaluator(self.num_classes, self.acc.device)
+        metrics = self.evaluate_weights(model, split)
+        if self.ema is not None:
+            averaged = self.evaluate_weights(self.ema.module, split)
+            metrics.update({f"ema_{name}": averaged[name] for name in METRICS})
+        return metrics
+
+    def evaluate_weights(self, model, split) -> dict:
         metrics = evaluate_split(self.evaluator, model, self.batches, split, self.acc, self.plan.eval_batch,
                                  self.plan.eval_samples(len(split)))
         metrics["per_class"] = per_class(metrics, self.class_names)

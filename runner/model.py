@@ -31,9 +31,12 @@ class ModelConfig:
     channels_last: bool = False      # NHWC memory format: faster convolutions with AMX/oneDNN and tensor cores
     compile: bool = False            # torch.compile, applied before the DDP wrap
     sync_batchnorm: bool = False     # BatchNorm statistics over all ranks (several processes only)
+    freeze: list[str] | str = setting([], fingerprint=True)  # parameter-name prefixes, or backbone (runner/finetune.py)
+    unfreeze_epoch: int = setting(0, min=0, fingerprint=True)  # frozen parameters train from this epoch on (0: never)
 
     def validate(self):
         check_model_name(self.name)
+        check_freeze(self.freeze, self.unfreeze_epoch)
 
 
 def check_model_name(name: str) -> None:
@@ -145,3 +148,18 @@ def flops_per_sample(model: nn.Module, in_shape) -> float:
         for hook in hooks:
             hook.remove()
     return total
+
+
+def check_freeze(freeze: list[str] | str, unfreeze_epoch: int) -> None:
+    """model.freeze holds names (`backbone` alone), and model.unfreeze_epoch needs something frozen."""
+    from runner.finetune import BACKBONE, freeze_entries
+
+    entries = freeze_entries(freeze)
+    if any(not entry.strip() for entry in entries):
+        raise ConfigError(f"model.freeze={shown(freeze)}: expected parameter-name prefixes or backbone, not an "
+                          f"empty name")
+    if BACKBONE in entries and len(entries) > 1:
+        raise ConfigError(f"model.freeze={shown(freeze)}: backbone (everything but the classifier head) stands "
+                          f"alone; or list parameter-name prefixes")
+    if unfreeze_epoch and not entries:
+        raise ConfigError(f"model.unfreeze_epoch={unfreeze_epoch} needs model.freeze (nothing is frozen)")

@@ -26,6 +26,7 @@ class OptimConfig:
     eps: float = setting(1e-8, above=0.0, fingerprint=True)
     alpha: float = setting(0.99, above=0.0, max=1.0, fingerprint=True)  # rmsprop smoothing
     decay_norm_and_bias: bool = setting(True, fingerprint=True)  # false: no weight decay on 1-d parameters
+    backbone_lr_factor: float = setting(1.0, min=0.0, fingerprint=True)  # lr of all but the classifier head, x lr
 
     def validate(self):
         if self.nesterov and (self.name != "sgd" or self.momentum == 0):
@@ -34,18 +35,33 @@ class OptimConfig:
             raise ConfigError(f"optim.betas={self.betas}: expected two numbers in [0, 1)")
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    if cfg.decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, cfg: OptimConfig, head: list[str] | None = None) -> list[dict]:
+    """The parameter groups: the classifier head first (its lr is the one reported), then the backbone at
+    optim.backbone_lr_factor x lr when a head is given; each split by weight decay when
+    decay_norm_and_bias=false. Every parameter is included, frozen ones too: they have no gradient while
+    frozen, so the optimizer skips them (no state, no weight decay) until they train."""
+    from runner.finetune import is_head
+
+    named = list(model.named_parameters())
+    parts = [(named, 1.0)]
+    if head is not None:
+        parts = [([(n, p) for n, p in named if is_head(n, head)], 1.0),
+                 ([(n, p) for n, p in named if not is_head(n, head)], cfg.backbone_lr_factor)]
+    groups = []
+    for params, factor in parts:
+        lr = {"lr": cfg.lr * factor}
+        if cfg.decay_norm_and_bias:
+            groups.append({"params": [p for _, p in params], **lr})
+        else:
+            groups += [{"params": [p for _, p in params if p.ndim > 1], **lr},
+                       {"params": [p for _, p in params if p.ndim <= 1], "weight_decay": 0.0, **lr}]
+    return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, head: list[str] | None = None) -> torch.optim.Optimizer:
     import torch
 
-    groups = param_groups(model, cfg)
+    groups = param_groups(model, cfg, head)
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.nesterov, **common)

@@ -40,6 +40,11 @@ class TrainConfig:
     overfit_batches: int = setting(0, min=0, fingerprint=True)  # train and evaluate on N global batches only
     limit_train_steps: int = setting(0, min=0, fingerprint=True)  # at most N optimizer steps per epoch
     limit_eval_batches: int = setting(0, min=0)             # at most N eval batches (of eval.batch_size)
+    ema_decay: float = setting(0.0, min=0.0, max=1.0, fingerprint=True)  # weights' average (0: off; runner/ema.py)
+
+    def validate(self):
+        if self.ema_decay >= 1:
+            raise ConfigError(f"train.ema_decay={self.ema_decay}: must be < 1 (0 turns the average off)")
 
 
 @dataclass
@@ -55,6 +60,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     resume: str = "auto"  # auto: newest complete checkpoint of this run; none: start fresh; or a checkpoint/handle
+
+    def validate(self):
+        if self.eval.monitor.startswith("ema_") and not self.train.ema_decay:
+            raise ConfigError(f"eval.monitor={self.eval.monitor} needs train.ema_decay > 0 (the average it monitors)")
 
 
 def load_run_config(run_dir, overrides: list) -> Config:

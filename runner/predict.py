@@ -1,10 +1,12 @@
 """Classify image files with a trained run.
 
     python runner/predict.py --checkpoint PATH FILES_OR_DIRS... [--top K] [--json] [--batch-size N]
+                             [--weights raw|ema]
 
 --checkpoint takes a checkpoint directory, <run>/checkpoints/best or last, or a run directory (its best
-checkpoint, else its last). Folders are searched recursively for image files; other files in them are
-skipped. Prints one line per image:
+checkpoint, else its last). --weights chooses the training weights (raw) or their moving average (ema,
+the default when the run kept one: train.ema_decay > 0). Folders are searched recursively for image
+files; other files in them are skipped. Prints one line per image:
 
     path<TAB>class<TAB>probability
 
@@ -65,13 +67,14 @@ def read_card(run_dir: Path) -> dict:
     return card
 
 
-def load_model(checkpoint: Path, run_dir: Path, card: dict):
+def load_model(checkpoint: Path, run_dir: Path, card: dict, weights: str):
+    from runner.ema import load_chosen_weights
     from runner.model import build_model, load_weights
     from runner.plan import load_run_config
 
     cfg = load_run_config(run_dir, [])
     model = build_model(cfg.model, tuple(card["in_shape"]), len(card["class_names"]), cfg.data.name)
-    return load_weights(model, checkpoint, cfg.model.name).eval()
+    return load_chosen_weights(load_weights(model, checkpoint, cfg.model.name), checkpoint, weights).eval()
 
 
 def predict(model, files: list[Path], card: dict, top: int, batch_size: int):
@@ -102,6 +105,7 @@ def positive(options: dict, flag: str, default: int) -> int:
 
 def run(options: dict, overrides: list) -> int:
     from runner.checkpoint import find, run_dir_of
+    from runner.ema import choose_weights
 
     if overrides:
         raise UserError(f"predict takes no config overrides ({overrides[0][0]}=...); the run's config.yaml is used")
@@ -112,7 +116,7 @@ def run(options: dict, overrides: list) -> int:
     checkpoint = find(options["--checkpoint"])
     run_dir = run_dir_of(checkpoint)
     card = read_card(run_dir)
-    model = load_model(checkpoint, run_dir, card)
+    model = load_model(checkpoint, run_dir, card, choose_weights(checkpoint, options.get("--weights")))
     top = min(top, len(card["class_names"]))
     try:
         for path, ranked in predict(model, files, card, top, batch_size):
@@ -127,7 +131,8 @@ def run(options: dict, overrides: list) -> int:
     return 0
 
 
-COMMAND = Command(__doc__, {"--checkpoint": "value", "--top": "value", "--json": "switch", "--batch-size": "value"},
+COMMAND = Command(__doc__, {"--checkpoint": "value", "--top": "value", "--json": "switch", "--batch-size": "value",
+                            "--weights": "value"},
                   run, positional=True)
 
 

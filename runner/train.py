@@ -59,15 +59,15 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc)
     ctx = RunContext(cfg, plan, acc, run_dir, RunLog(acc, run_dir.metrics_file, cfg.log, plan.total_steps))
-    model, optimizer, scheduler, flops = build_training(ctx, splits)
-    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info)
+    model, optimizer, scheduler, flops, freezing, ema = build_training(ctx, splits)
+    checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info, ema)
     state = resume(ctx, checkpoints, splits)
     ctx.log.start_trackers(run_dir.name, configlib.to_dict(cfg))
-    announce(ctx, splits, model, flops)
+    announce(ctx, splits, model, flops, freezing)
     speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
     trainer = Trainer(ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
-                      validation=Validation(cfg.eval, ctx, batches, splits), checkpoints=checkpoints,
-                      state=state, speed=speed, segment_started=started)
+                      validation=Validation(cfg.eval, ctx, batches, splits, ema), checkpoints=checkpoints,
+                      state=state, speed=speed, segment_started=started, freezing=freezing, ema=ema)
     outcome = trainer.run()
     if outcome == PREEMPTED:
         return preempted_exit(ctx, checkpoints, state)
@@ -104,6 +104,7 @@ def build_training(ctx: RunContext, splits):
     import torch
 
     from runner.distributed import cpu_threads
+    from runner.ema import EmaWeights
     from runner.model import build_model, flops_per_sample
     from runner.optim import build_optimizer
     from runner.schedule import build_scheduler
@@ -114,12 +115,30 @@ def build_training(ctx: RunContext, splits):
     torch.set_num_threads(cpu_threads(cfg.dist.threads, flops * plan.micro_batch))
     if cfg.model.sync_batchnorm and plan.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    # The average starts from the initial weights, a plain float32 copy made before any wrapper.
+    ema = EmaWeights(model, cfg.train.ema_decay, ctx.acc.device) if cfg.train.ema_decay else None
+    freezing, head = fine_tuning(cfg, model, splits.num_classes)
+    optimizer = build_optimizer(model, cfg.optim, head)
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.schedule_steps, plan.steps_per_epoch)
     if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
         model = torch.compile(model)
     model, optimizer, scheduler = ctx.acc.prepare(model, optimizer, scheduler)
-    return model, optimizer, scheduler, flops
+    return model, optimizer, scheduler, flops, freezing, ema
+
+
+def fine_tuning(cfg: Config, model, num_classes: int):
+    """(model.freeze applied, or None; the classifier head where the backbone is frozen or has its own lr)."""
+    from runner.finetune import BACKBONE, Freezing, classifier_head, freeze_entries
+
+    entries = freeze_entries(cfg.model.freeze)
+    head = None
+    if entries == [BACKBONE] or cfg.optim.backbone_lr_factor != 1:
+        head = classifier_head(model, num_classes, cfg.model.name)
+    if not entries:
+        return None, head
+    freezing = Freezing(model, entries, head, cfg.model.unfreeze_epoch, cfg.model.name)
+    freezing.freeze()
+    return freezing, head
 
 
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
@@ -146,7 +165,7 @@ def resume(ctx: RunContext, checkpoints, splits) -> RunState:
     return state
 
 
-def announce(ctx: RunContext, splits, model, flops: float) -> None:
+def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
     from runner.distributed import communication_note
     from runner.model import parameter_count
 
@@ -159,7 +178,8 @@ def announce(ctx: RunContext, splits, model, flops: float) -> None:
              f"{plan.world} = global {plan.global_batch}\n"
              f"data {cfg.data.name} ({cfg.data.loader} path{', ' + splits.description if splits.description else ''}"
              f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: "
-             f"{parameter_count(model):,} parameters, {flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | "
+             f"{parameter_count(model):,} parameters{f' ({freezing.describe()})' if freezing else ''}, "
+             f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | "
              f"{plan.total_steps} steps")
     advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), ctx.acc.device)
     if advice:
