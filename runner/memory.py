@@ -6,14 +6,17 @@ batch halves (to the next divisor of a rank's share of the step), accumulation g
 window is redone on the same samples: the run continues on the trajectory it would have had, had it
 started with the smaller micro batch.
 
-Why the ranks cannot deadlock: in auto mode no collective runs inside a window. Every micro-step's backward
+Why the ranks cannot deadlock: in auto mode the only collective inside a window is DDP's buffer broadcast at
+its first forward, which every rank reaches before any can fail (WindowGuard.begin). Every micro-step's backward
 runs under no_sync, so DDP's reducer never starts a gradient all-reduce that a failed rank would leave
 half-done (an exception inside DDP's syncing backward leaves the others waiting in buckets the failed rank
 never sends). A rank that runs out of memory skips the rest of its window's compute; then every rank, failed
 or not, joins one small all-reduce of per-rank flags at the window's end, the same point for all. If no flag
 is set, the gradients are averaged by hand (the all-reduce DDP would have done, in chunks) before the
 optimizer step; if any is set, every rank drops the window and redoes it. Runs with a fixed micro batch
-keep DDP's overlapped all-reduce and pay nothing.
+keep DDP's all-reduce, overlapped with the backward pass, and pay nothing. (Composer's auto micro-batching
+agrees on a flag after the forward and still deadlocks when only some ranks run out of memory in the
+backward, as its PR 2117 says.)
 """
 from __future__ import annotations
 
@@ -23,14 +26,15 @@ import torch
 
 from runner.errors import UserError
 
-# The CPU allocator reports a failed allocation as a plain RuntimeError (c10's enforce), not OutOfMemoryError.
-CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
 CHUNK_BYTES = 25 * 2**20  # gradients averaged per all-reduce: DDP's default bucket size
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and any(sign in str(error) for sign in CPU_OUT_OF_MEMORY))
+    """torch's OutOfMemoryError, or what Accelerate recognises as one: the CPU allocator raises a plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), as do some device libraries."""
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
 
 
 def release_cached_memory(device: torch.device) -> None:
@@ -71,18 +75,17 @@ class WindowGuard:
         return not self.enabled
 
     def begin(self) -> None:
-        """At a window's first micro-step: the buffers as DDP would have them (rank 0's, broadcast), kept so
-        that a dropped window leaves no trace in them (BatchNorm's running statistics)."""
+        """At a window's first micro-step (of every attempt): keep the buffers, so that a dropped window
+        leaves no trace in them (BatchNorm's running statistics), and make every rank agree that DDP
+        broadcasts them in this forward. DDP clears that flag only after a forward that returned: a forward
+        that ran out of memory would leave it set on one rank alone, and that rank's next forward would
+        wait for a broadcast the others never send."""
         if not self.enabled:
             return
         self.failed = False
-        buffers = list(self.acc.unwrap_model(self.model).buffers())
-        if self.acc.num_processes > 1:
-            for group in by_dtype(buffers):
-                flat = torch.cat([b.reshape(-1) for b in group])
-                torch.distributed.broadcast(flat, src=0)
-                copy_back(flat, group)
-        self.saved_buffers = [b.detach().clone() for b in buffers]
+        if hasattr(self.model, "require_forward_param_sync"):  # wrapped in DistributedDataParallel
+            self.model.require_forward_param_sync = True
+        self.saved_buffers = [b.detach().clone() for b in self.acc.unwrap_model(self.model).buffers()]
 
     def attempt(self, micro_step, *args):
         """micro_step(*args), or None once this rank has run out of memory in this window (it then skips
@@ -130,13 +133,6 @@ class WindowGuard:
             flat = torch.cat([g.reshape(-1) for g in chunk]).div_(world)
             torch.distributed.all_reduce(flat)
             copy_back(flat, chunk)
-
-
-def by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        groups.setdefault(t.dtype, []).append(t)
-    return list(groups.values())
 
 
 def chunks(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:

@@ -137,10 +137,14 @@ class Plan:
     def resolve(cls, cfg: Config, world: int) -> "Plan":
         train = cfg.train
         global_batch, micro_batch, accumulation = batch_arithmetic(train, world)
+        if train.micro_batch_size == AUTO and cfg.model.sync_batchnorm and world > 1:
+            raise ConfigError(f"train.micro_batch_size={AUTO} with model.sync_batchnorm=true: SyncBatchNorm "
+                              f"gathers across ranks inside the forward pass, so a rank out of memory there "
+                              f"would strand the others; set one of them otherwise")
         dev_run = train.fast_dev_run
         return cls(world=world, micro_batch=micro_batch, global_batch=global_batch,
                    accumulation=accumulation, epochs=1 if dev_run else train.epochs, max_steps=train.max_steps,
-                   steps_per_epoch_limit=dev_run or train.limit_train_steps, eval_batch=cfg.eval.batch_size,
+                   steps_per_epoch_limit=dev_run or train.limit_train_steps, eval_batch=cfg.eval.start_batch,
                    eval_batch_limit=dev_run or train.limit_eval_batches,
                    overfit_samples=train.overfit_batches * global_batch,
                    auto_micro_batch=train.micro_batch_size == AUTO)
