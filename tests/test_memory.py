@@ -5,7 +5,8 @@ The model under test is a user model (`model.name=oomnet:OomNet`, a module file 
 that makes a real allocation the CPU allocator refuses ("DefaultCPUAllocator: can't allocate memory") when
 a training micro-batch holds more than `limit` samples: in its forward or in its backward, on some ranks
 (from RANK) or all, and from its N-th training forward on with a lower limit (to fail first in the middle
-of an accumulation window). Multi-process runs are real gloo processes under torchrun, each bounded by
+of an accumulation window). With `batchnorm: true` it has buffers, which DDP broadcasts in a forward: a
+forward that fails on one rank alone must not leave the ranks disagreeing about that broadcast. Multi-process runs are real gloo processes under torchrun, each bounded by
 dist.timeout_s and a subprocess timeout, so a hang fails the test instead of stalling it.
 """
 from __future__ import annotations
@@ -43,8 +44,9 @@ class FailInBackward(torch.autograd.Function):
 
 class OomNet(nn.Module):
     def __init__(self, in_shape, num_classes, limit=10**9, ranks=(), phase="forward", later_limit=None,
-                 later_from_call=0, eval_limit=10**9):
+                 later_from_call=0, eval_limit=10**9, batchnorm=False):
         super().__init__()
+        self.norm = nn.BatchNorm2d(in_shape[0]) if batchnorm else nn.Identity()  # buffers DDP broadcasts
         self.fc = nn.Linear(int(torch.tensor(in_shape).prod()), num_classes)
         self.limit, self.ranks, self.phase = limit, list(ranks), phase
         self.later_limit, self.later_from_call, self.eval_limit = later_limit, later_from_call, eval_limit
@@ -52,7 +54,7 @@ class OomNet(nn.Module):
         self.calls = 0  # training forwards on this rank
 
     def forward(self, x):
-        out = self.fc(x.flatten(1))
+        out = self.fc(self.norm(x).flatten(1))
         if not self.training:
             if len(x) > self.eval_limit:
                 run_out_of_memory()
@@ -169,23 +171,30 @@ def test_auto_settings_refuse_what_contradicts_them(train_main, bad, expected):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case, kwargs, final_micro", [
-    # Rank 1 alone, in the backward of the step that syncs gradients (accumulation 1: every micro-step syncs).
-    ("one rank, syncing backward", "{limit: 8, ranks: [1], phase: backward}", 8),
-    # Every rank: first 32 -> 16 -> 8 at step 1, then at step 2 in the second of four micro-steps.
-    ("every rank, mid-window", "{limit: 8, later_limit: 4, later_from_call: 7}", 4),
+    # Rank 1 alone, in the forward of the step that syncs gradients (accumulation 1: every micro-step syncs),
+    # with BatchNorm buffers: the running statistics must end equal too.
+    ("one rank", "{limit: 8, ranks: [1], batchnorm: true}", 8),
+    # Every rank, in the backward: 32 -> 16 -> 8 in step 1 (first in its syncing micro-step), then in step 2
+    # first in the second of four micro-steps, the middle of the window.
+    ("every rank", "{limit: 8, later_limit: 4, later_from_call: 7, phase: backward}", 4),
 ])
 def test_two_processes_shrink_together_and_end_as_the_run_that_fits(user_dir, case, kwargs, final_micro):
     auto = ok(launch(user_dir, [f"model.kwargs={kwargs}", "train.micro_batch_size=auto", "run.name=auto"], world=2))
     lines = shrink_lines(auto.stdout)
     assert lines[-1].startswith(f"out of memory at micro batch {2 * final_micro} on rank "), auto.stdout
-    if "ranks: [1]" in kwargs:
+    if case == "one rank":
         assert all(" on rank 1: " in line for line in lines), lines
     else:
         assert all(" on rank 0, 1: " in line for line in lines), lines
         assert lines[-1].endswith("from step 2"), lines
-    ok(launch(user_dir, [f"train.micro_batch_size={final_micro}", "run.name=fits"], world=2))
-    assert max_relative_difference(weights(user_dir, "auto"), weights(user_dir, "fits")) <= 1e-5
+    batchnorm = ["model.kwargs={batchnorm: true}"] if "batchnorm" in kwargs else []
+    ok(launch(user_dir, [f"train.micro_batch_size={final_micro}", "run.name=fits", *batchnorm], world=2))
+    auto_weights, fits_weights = weights(user_dir, "auto"), weights(user_dir, "fits")
+    assert auto_weights.keys() == fits_weights.keys()
+    assert max_relative_difference(auto_weights, fits_weights) <= 1e-5
     summary = run_summary(user_dir, "auto")
     assert summary["micro_batch_size"] == final_micro
+    fits = run_summary(user_dir, "fits")
+    assert all(summary["final"][split]["accuracy"] == fits["final"][split]["accuracy"] for split in fits["final"])
     assert len(summary["throughput"]["peak_memory_mb_per_rank"]) == 2
     assert "peak memory rank 0 " in auto.stdout and ", rank 1 " in auto.stdout
