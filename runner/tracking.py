@@ -157,7 +157,9 @@ def summary_table(summary: dict) -> str:
     t = summary["throughput"]
     lines.append(f"  speed {t['img_per_s']:,.0f} img/s ({t['img_per_s_per_device']:,.0f} per device), "
                  f"step {t['step_time_ms']:.1f} ms, data wait {100 * t['data_wait_fraction']:.0f}%, "
-                 f"peak memory {format_peaks(t.get('peak_memory_mb_per_rank', [t['peak_memory_mb']]))}" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
+                 # Summaries written before peaks were gathered per rank hold rank 0's alone.
+                 f"peak memory {format_peaks(t.get('peak_memory_mb_per_rank', [t['peak_memory_mb']]))}"
+                 + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
                  + f"; start-up {summary['startup_seconds']:.1f} s")
     if summary.get("skipped_steps"):
         lines.append(f"  fp16  {summary['skipped_steps']} optimizer steps skipped by the GradScaler (overflow)")

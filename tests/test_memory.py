@@ -6,8 +6,9 @@ that makes a real allocation the CPU allocator refuses ("DefaultCPUAllocator: ca
 a training micro-batch holds more than `limit` samples: in its forward or in its backward, on some ranks
 (from RANK) or all, and from its N-th training forward on with a lower limit (to fail first in the middle
 of an accumulation window). With `batchnorm: true` it has buffers, which DDP broadcasts in a forward: a
-forward that fails on one rank alone must not leave the ranks disagreeing about that broadcast. Multi-process runs are real gloo processes under torchrun, each bounded by
-dist.timeout_s and a subprocess timeout, so a hang fails the test instead of stalling it.
+forward that fails on one rank alone must not leave the ranks disagreeing about that broadcast.
+Multi-process runs are real gloo processes under torchrun, each bounded by dist.timeout_s and a subprocess
+timeout, so a hang fails the test instead of stalling it.
 """
 from __future__ import annotations
 
