@@ -105,12 +105,11 @@ class WindowGuard:
 
     def failed_ranks(self) -> list[int]:
         """The ranks that ran out of memory in this window; every rank calls this once per window."""
-        if not self.enabled:
-            return []
+        if not self.enabled or self.acc.num_processes == 1:
+            return [0] if self.failed else []
         flags = torch.zeros(self.acc.num_processes, device=self.acc.device)
         flags[self.acc.process_index] = float(self.failed)
-        if self.acc.num_processes > 1:
-            torch.distributed.all_reduce(flags)
+        torch.distributed.all_reduce(flags)  # reading it waits for the device: the price of agreeing
         return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
     def drop_window(self, optimizer) -> None:
@@ -127,7 +126,7 @@ class WindowGuard:
         world = self.acc.num_processes
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
-            if p.grad is None:  # unused in this forward: DDP would have reduced zeros for it
+            if p.grad is None:  # unused by this forward: every rank must still send the same layout
                 p.grad = torch.zeros_like(p)
         for chunk in chunks([p.grad for p in params], CHUNK_BYTES):
             flat = torch.cat([g.reshape(-1) for g in chunk]).div_(world)
