@@ -69,9 +69,11 @@ class OomNet(nn.Module):
         return out
 '''
 
-# Global batch 64 on digits: auto starts at 64 per rank on 1 process, 32 on 2.
+# Global batch 64 on digits: auto starts at 64 per rank on 1 process, 32 on 2. Crops and flips on: a redone
+# window must draw the same ones.
 BASE = ["--config", "digits", "log.trackers=[]", "log.plot=false", "log.progress=lines", "model.name=oomnet:OomNet",
-        "train.global_batch_size=64", "train.epochs=1", "train.limit_train_steps=4", "dist.timeout_s=60"]
+        "train.global_batch_size=64", "train.epochs=1", "train.limit_train_steps=4", "dist.timeout_s=60",
+        "data.crop_padding=2", "data.flip=true"]
 TIMEOUT = 240
 
 
