@@ -51,7 +51,7 @@ def evaluate(options: dict, overrides: list) -> int:
 def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str, weights: str = "raw"):
     from runner.data.batches import make_batches
     from runner.data.splits import load_splits
-    from runner.metrics import Evaluator, evaluate_split, per_class
+    from runner.metrics import EvalBatch, Evaluator, evaluate_split, per_class
     from runner.model import build_model, load_weights
 
     splits = load_splits(cfg.data, cfg.train.seed)
@@ -64,7 +64,7 @@ def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str, wei
     # limits the run had.
     batches = make_batches(cfg.data, splits, None, acc.device, cfg.train.seed, False, cfg.model.channels_last)
     evaluator = Evaluator(splits.num_classes, acc.device, confusion=True)
-    results = evaluate_split(evaluator, model, batches, split, acc, cfg.eval.batch_size, len(split))
+    results = evaluate_split(evaluator, model, batches, split, acc, EvalBatch.of(cfg.eval), len(split))
     results["per_class"] = per_class(results, splits.class_names)
     return results, splits.class_names, split_name
 

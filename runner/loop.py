@@ -9,6 +9,7 @@ at the same step, so they stop at the same step and save the same checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from runner import preemption
 from runner.context import RunContext
 from runner.errors import UserError
+from runner.memory import WindowGuard, does_not_fit
 from runner.optim import l1_penalty
 from runner.state import COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED, RunState
+from runner.throughput import peak_memory_per_rank
 
 if TYPE_CHECKING:
     from accelerate.optimizer import AcceleratedOptimizer
@@ -88,47 +91,80 @@ class Trainer:
     train_loss: float = float("nan")
     stop: str | None = None
     agreement: Agreement = field(init=False)
+    memory: WindowGuard = field(init=False)
     base_times: tuple[float, float] = field(init=False)
 
     def __post_init__(self):
         self.agreement = Agreement(self.ctx.acc, read_every_step=self.ctx.acc.device.type == "cpu")
         self.base_times = (self.state.train_seconds, self.state.wall_seconds)
+        self.memory = WindowGuard(self.ctx.acc, self.model, enabled=self.ctx.plan.auto_micro_batch)
+        self.state.micro_batch = self.ctx.plan.micro_batch
 
     def run(self) -> str:
-        plan, state = self.ctx.plan, self.state
+        state = self.state
         self.model.train()
         self.speed.start()
-        while self.stop is None and not plan.finished(state):
+        while self.stop is None and not self.ctx.plan.finished(state):
+            plan = self.ctx.plan  # a micro batch that ran out of memory changes it (runner/memory.py)
             if self.freezing is not None:  # at every epoch start, the first after a resume too
-                self.model = self.freezing.at_epoch(self.model, state.epoch, self.ctx.acc)
+                # An unfreeze wraps the model anew (DDP): the memory guard must drive the new wrapper.
+                self.model = self.memory.model = self.freezing.at_epoch(self.model, state.epoch, self.ctx.acc)
             window_loss, micro = None, 0  # the accumulation window's summed micro-batch losses
             data_started = time.perf_counter()
             for x, y in self.batches.train_epoch(state.epoch, state.step_in_epoch):
                 self.speed.add_data_wait(time.perf_counter() - data_started)
                 micro += 1
-                loss = self.micro_step(x, y, last_in_window=micro == plan.accumulation)
-                window_loss = loss if window_loss is None else window_loss + loss
+                if micro == 1:
+                    self.memory.begin()
+                loss = self.memory.attempt(self.micro_step, x, y, micro == plan.accumulation)
+                if loss is not None:
+                    window_loss = loss if window_loss is None else window_loss + loss
                 if micro == plan.accumulation:
+                    failed = self.memory.failed_ranks()
+                    if failed:  # every rank drops the window and redoes it at the smaller micro batch
+                        self.shrink_micro_batch(failed, x.shape[1:])
+                        break
+                    self.memory.average_gradients()
                     self.close_step(window_loss / plan.accumulation)
                     window_loss, micro = None, 0
                     if self.stop is not None or plan.finished(state):
                         break
                 data_started = time.perf_counter()
         self.speed.pause()
+        plan = self.ctx.plan
         if plan.finished(state):  # a signal that arrives with the last step changes nothing: the run is done
             self.stop = EARLY_STOPPING if state.early_stopped else MAX_STEPS if plan.out_of_steps(
                 state.global_step) else COMPLETED
         return self.stop
 
     def micro_step(self, x, y, last_in_window: bool) -> torch.Tensor:
-        """Forward and backward of one micro-batch; gradients are synchronised on the window's last one."""
+        """Forward and backward of one micro-batch; gradients are synchronised on the window's last one
+        (by DDP, or under train.micro_batch_size=auto by the window guard once the window is complete)."""
         cfg, acc = self.ctx.cfg, self.ctx.acc
-        with contextlib.nullcontext() if last_in_window else acc.no_sync(self.model):
+        sync = last_in_window and self.memory.syncs_in_backward
+        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
             loss = F.cross_entropy(self.model(x).float(), y, label_smoothing=cfg.train.label_smoothing)
             if cfg.optim.l1:
                 loss = loss + cfg.optim.l1 * l1_penalty(self.model)
             acc.backward(loss / self.ctx.plan.accumulation)
         return loss.detach()
+
+    def shrink_micro_batch(self, failed: list[int], input_shape) -> None:
+        """Out of memory on `failed` ranks: drop the window, halve the micro batch, redo the same window."""
+        plan, state = self.ctx.plan, self.state
+        self.memory.drop_window(self.optimizer.optimizer)
+        ranks = ", ".join(map(str, failed))
+        if plan.micro_batch == 1:
+            last = (self.checkpoints.complete() or ["none"])[-1]
+            raise does_not_fit(self.ctx.cfg.model.name, (1, *input_shape), failed,
+                               peak_memory_per_rank(self.ctx.acc.device), state.global_step + 1, str(last))
+        smaller = plan.with_micro_batch(plan.fitting_micro_batch(plan.micro_batch // 2))
+        self.ctx.log.info(f"out of memory at micro batch {plan.micro_batch} on rank {ranks}: micro "
+                          f"{smaller.micro_batch} x accumulation {smaller.accumulation} from step "
+                          f"{state.global_step + 1}")
+        self.batches.regroup(smaller)
+        self.ctx = dataclasses.replace(self.ctx, plan=smaller)
+        state.micro_batch = smaller.micro_batch
 
     def close_step(self, window_loss: torch.Tensor) -> None:
         """The window's gradients are complete: step, count, agree, report, and do what falls due."""

@@ -9,18 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runner.config import setting
+from runner.errors import ConfigError, UserError, shown
 from runner.state import due
 
 METRICS = ["accuracy", "loss", "top5_accuracy", "precision", "recall", "f1"]
 # ema_*: the same metrics of the weights' moving average (train.ema_decay > 0), evaluated beside the weights.
 MONITORABLE = METRICS + [f"ema_{name}" for name in METRICS]
+AUTO = "auto"
+AUTO_START = 1024  # eval.batch_size=auto starts here (no gradients are held) and halves when memory runs out
 
 
 @dataclass
 class EvalConfig:
     every_epochs: int = setting(1, min=0)        # evaluate after every N epochs (0: only at the end)
     every_steps: int = setting(0, min=0)         # and/or every N optimizer steps
-    batch_size: int = setting(256, min=1)        # per device
+    batch_size: int | str = setting(256)         # per device (auto: starts at 1024, halves on out-of-memory)
     monitor: str = setting("accuracy", choices=MONITORABLE)   # for the best checkpoint and early stopping
     patience: int = setting(0, min=0)            # early stopping after N evaluations without improvement
     min_delta: float = setting(0.0, min=0.0)
@@ -28,6 +31,27 @@ class EvalConfig:
     @property
     def mode(self) -> str:
         return "min" if self.monitor.endswith("loss") else "max"
+
+    @property
+    def start_batch(self) -> int:
+        return AUTO_START if self.batch_size == AUTO else self.batch_size
+
+    def validate(self):
+        size = self.batch_size
+        if (isinstance(size, str) and size != AUTO) or (isinstance(size, int) and size < 1):
+            raise ConfigError(f"eval.batch_size={shown(size)}: expected an integer >= 1 or {AUTO}")
+
+
+@dataclass
+class EvalBatch:
+    """The evaluation batch as it stands: under eval.batch_size=auto it halves when memory runs out and
+    stays halved for later evaluations (results do not depend on it: each rank's shard is the same)."""
+    size: int
+    auto: bool = False
+
+    @classmethod
+    def of(cls, cfg: EvalConfig) -> "EvalBatch":
+        return cls(cfg.start_batch, cfg.batch_size == AUTO)
 
 
 class Validation:
@@ -39,6 +63,8 @@ class Validation:
         self.split, self.split_name = splits.eval, splits.eval_split
         self.num_classes, self.class_names = splits.num_classes, splits.class_names
         self.evaluator: Evaluator | None = None
+        self.batch = EvalBatch.of(cfg)
+        self.log = ctx.log
         self.last: dict = {}
         self.last_step = -1
 
@@ -61,8 +87,11 @@ class Validation:
         return metrics
 
     def evaluate_weights(self, model, split) -> dict:
-        metrics = evaluate_split(self.evaluator, model, self.batches, split, self.acc, self.plan.eval_batch,
+        tried = self.batch.size
+        metrics = evaluate_split(self.evaluator, model, self.batches, split, self.acc, self.batch,
                                  self.plan.eval_samples(len(split)))
+        if self.batch.size != tried:
+            self.log.info(f"out of memory evaluating at batch {tried}: eval batch {self.batch.size} from now on")
         metrics["per_class"] = per_class(metrics, self.class_names)
         return metrics
 
@@ -103,30 +132,46 @@ class Evaluator:
         model.eval()
         for metric in (self.metrics, self.loss, self.count):
             metric.reset()
-        with torch.no_grad():
-            for x, y in batches:
-                with autocast():
-                    logits = model(x)
-                logits = logits.float()
-                self.loss.update(F.cross_entropy(logits, y, reduction="none"))
-                self.metrics.update(logits, y)
-                self.count.update(len(y))
+        try:
+            with torch.no_grad():
+                for x, y in batches:
+                    with autocast():
+                        logits = model(x)
+                    logits = logits.float()
+                    self.loss.update(F.cross_entropy(logits, y, reduction="none"))
+                    self.metrics.update(logits, y)
+                    self.count.update(len(y))
+        finally:  # an out-of-memory error in a batch must not leave a training model in eval mode
+            model.train(was_training)
         results = {k: v.tolist() if v.ndim else float(v) for k, v in self.metrics.compute().items()}
         results["loss"] = float(self.loss.compute())
         results["samples"] = int(self.count.compute())
-        model.train(was_training)
         return results
 
 
-def evaluate_split(evaluator: Evaluator, model, batches, split, acc, batch_size: int, samples: int) -> dict:
-    """This rank's disjoint shard of the first `samples` of `split`; metrics come back reduced."""
+def evaluate_split(evaluator: Evaluator, model, batches, split, acc, batch: EvalBatch, samples: int) -> dict:
+    """This rank's disjoint shard of the first `samples` of `split`; metrics come back reduced. Under
+    eval.batch_size=auto a rank that runs out of memory evaluates its shard again at half the batch: no
+    collective runs before compute(), so the other ranks simply wait for it there."""
     import torch
 
     from runner.data.order import shard_range
+    from runner.memory import is_out_of_memory, release_cached_memory
 
     shard = shard_range(samples, acc.num_processes, acc.process_index)
     index = torch.arange(shard.start, shard.stop)
-    return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, batch_size), acc.autocast)
+    while True:
+        try:
+            return evaluator.run(acc.unwrap_model(model), batches.eval_batches(split, index, batch.size),
+                                 acc.autocast)
+        except RuntimeError as e:
+            if not (batch.auto and is_out_of_memory(e)):
+                raise
+            if batch.size == 1:
+                raise UserError(f"out of memory evaluating one sample at a time on rank {acc.process_index} "
+                                f"(eval.batch_size=auto): the model does not fit for evaluation") from None
+        release_cached_memory(acc.device)  # outside the except block: its traceback held the activations
+        batch.size //= 2
 
 
 def per_class(results: dict, class_names: list[str]) -> dict:

@@ -14,7 +14,7 @@ from runner.checkpoint import CheckpointConfig
 from runner.config import setting
 from runner.data.splits import DataConfig
 from runner.distributed import DistConfig
-from runner.errors import ConfigError, UserError
+from runner.errors import ConfigError, UserError, shown
 from runner.metrics import EvalConfig
 from runner.model import ModelConfig
 from runner.optim import OptimConfig
@@ -23,13 +23,15 @@ from runner.schedule import ScheduleConfig
 from runner.tracking import LogConfig
 
 MAX_SEED = 2**32 - 1  # numpy's bound; torch accepts it too
+MAX_MICRO_BATCH = 2**20
+AUTO = "auto"  # train.micro_batch_size=auto: start at global / world, halve on out-of-memory (runner/memory.py)
 
 
 @dataclass
 class TrainConfig:
     epochs: int = setting(10, min=1, max=10**6)
     max_steps: int = setting(0, min=0)    # stop after N optimizer steps (0: epochs decide); the schedule still spans epochs
-    micro_batch_size: int = setting(0, min=0, max=2**20)    # per device, per forward pass (0: global / world)
+    micro_batch_size: int | str = setting(0)  # per device, per forward pass (0: global / world; auto: shrinks on OOM)
     global_batch_size: int = setting(32, min=0, max=2**24, fingerprint=True)  # per optimizer step (0: micro x world)
     gradient_accumulation_steps: int = setting(0, min=0)    # 0: global / (micro x world)
     mixed_precision: str = setting("no", choices=["no", "bf16", "fp16"], fingerprint=True)
@@ -45,6 +47,17 @@ class TrainConfig:
     def validate(self):
         if self.ema_decay >= 1:
             raise ConfigError(f"train.ema_decay={self.ema_decay}: must be < 1 (0 turns the average off)")
+        micro = self.micro_batch_size
+        if isinstance(micro, str) and micro != AUTO:
+            raise ConfigError(f"train.micro_batch_size={shown(micro)}: expected an integer or {AUTO}")
+        if isinstance(micro, int) and not 0 <= micro <= MAX_MICRO_BATCH:
+            raise ConfigError(f"train.micro_batch_size={micro}: must be >= 0 and <= {MAX_MICRO_BATCH}")
+        if micro == AUTO and not self.global_batch_size:
+            raise ConfigError(f"train.micro_batch_size={AUTO} needs train.global_batch_size: the micro batch "
+                              f"may shrink, the samples per optimizer step may not")
+        if micro == AUTO and self.gradient_accumulation_steps:
+            raise ConfigError(f"train.gradient_accumulation_steps={self.gradient_accumulation_steps} with "
+                              f"train.micro_batch_size={AUTO}: the accumulation follows the micro batch; leave it 0")
 
 
 @dataclass
@@ -81,6 +94,8 @@ def batch_arithmetic(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
     choices. A preset pins the global batch and leaves the micro batch to the world size (0), so it is the
     same experiment on any number of processes."""
     micro, wanted = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    if micro == AUTO:  # the largest micro batch first; runner/memory.py halves it if it does not fit
+        micro = 0
     if not cfg.global_batch_size:
         if not micro:
             raise ConfigError("set train.global_batch_size (samples per optimizer step) or train.micro_batch_size")
@@ -120,6 +135,7 @@ class Plan:
     eval_batch: int
     eval_batch_limit: int         # debug modes: at most this many eval batches per evaluation (0: no limit)
     overfit_samples: int          # train and evaluate on this many samples (0: off)
+    auto_micro_batch: bool = False  # train.micro_batch_size=auto: the micro batch shrinks when memory runs out
     steps_per_epoch: int = 0      # known once the training set is loaded (for_train_size)
     schedule_steps: int = 0       # what the learning-rate schedule spans: every epoch, whatever max_steps says
     total_steps: int = 0          # what this run will take: max_steps stops it early, like a preemption
@@ -128,12 +144,17 @@ class Plan:
     def resolve(cls, cfg: Config, world: int) -> "Plan":
         train = cfg.train
         global_batch, micro_batch, accumulation = batch_arithmetic(train, world)
+        if train.micro_batch_size == AUTO and cfg.model.sync_batchnorm and world > 1:
+            raise ConfigError(f"train.micro_batch_size={AUTO} with model.sync_batchnorm=true: SyncBatchNorm "
+                              f"gathers across ranks inside the forward pass, so a rank out of memory there "
+                              f"would strand the others; set one of them otherwise")
         dev_run = train.fast_dev_run
         return cls(world=world, micro_batch=micro_batch, global_batch=global_batch,
                    accumulation=accumulation, epochs=1 if dev_run else train.epochs, max_steps=train.max_steps,
-                   steps_per_epoch_limit=dev_run or train.limit_train_steps, eval_batch=cfg.eval.batch_size,
+                   steps_per_epoch_limit=dev_run or train.limit_train_steps, eval_batch=cfg.eval.start_batch,
                    eval_batch_limit=dev_run or train.limit_eval_batches,
-                   overfit_samples=train.overfit_batches * global_batch)
+                   overfit_samples=train.overfit_batches * global_batch,
+                   auto_micro_batch=train.micro_batch_size == AUTO)
 
     def for_train_size(self, num_train: int) -> "Plan":
         """Whole global batches only: a partial accumulation window would be under-weighted."""
@@ -146,6 +167,18 @@ class Plan:
         total = steps * self.epochs
         return dataclasses.replace(self, steps_per_epoch=steps, schedule_steps=total,
                                    total_steps=min(total, self.max_steps) if self.max_steps else total)
+
+    def with_micro_batch(self, micro_batch: int) -> "Plan":
+        """The same experiment (global batch, steps) at another micro batch: accumulation makes up the rest."""
+        per_rank = self.global_batch // self.world
+        if per_rank % micro_batch:
+            raise ValueError(f"micro batch {micro_batch} does not divide {per_rank} samples per rank and step")
+        return dataclasses.replace(self, micro_batch=micro_batch, accumulation=per_rank // micro_batch)
+
+    def fitting_micro_batch(self, at_most: int) -> int:
+        """The largest micro batch of at most `at_most` samples that divides a rank's share of a step."""
+        per_rank = self.global_batch // self.world
+        return max(m for m in range(1, min(at_most, per_rank) + 1) if per_rank % m == 0)
 
     def eval_samples(self, split_size: int) -> int:
         """How much of a split an evaluation covers (debug modes evaluate only the first batches)."""

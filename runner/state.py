@@ -15,6 +15,7 @@ STATE_FILE = "run_state.json"
 # says FINISHED is not run again.
 COMPLETED, EARLY_STOPPING, MAX_STEPS, PREEMPTED = "completed", "early_stopping", "max_steps", "preempted"
 FINISHED = (COMPLETED, EARLY_STOPPING, MAX_STEPS)
+OPTIONAL_FIELDS = ("micro_batch",)  # absent from checkpoints written before it was recorded
 
 
 def due(every_steps: int, every_epochs: int, step: int, epoch: int, epoch_done: bool) -> bool:
@@ -41,6 +42,7 @@ class RunState:
     train_seconds: float = 0.0           # training time of all earlier segments, up to this checkpoint
     wall_seconds: float = 0.0            # wall time of all earlier segments, up to this checkpoint
     segments: int = 1                    # processes (launches) that have worked on the run so far
+    micro_batch: int = 0                 # the micro batch the run last trained at (auto resumes with it)
     fingerprint: dict = field(default_factory=dict)
 
     @property
@@ -77,6 +79,8 @@ class RunState:
             raise ValueError(f"{STATE_FILE} must hold an object")
         state = cls()
         for f in fields(cls):
+            if f.name not in raw and f.name in OPTIONAL_FIELDS:
+                continue
             if f.name not in raw:
                 raise ValueError(f"{STATE_FILE} lacks {f.name}")
             value, default = raw[f.name], getattr(state, f.name)

@@ -27,6 +27,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def peak_memory_per_rank(device: torch.device) -> list[float]:
+    """Every rank's peak memory (MiB: the GPU allocator's peak, or the process's peak RSS on CPU), in rank
+    order. A collective once a process group exists: every rank calls it at the same point."""
+    mine = peak_memory_mb(device)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    peaks = torch.zeros(dist.get_world_size(), dtype=torch.float64, device=device)
+    peaks[dist.get_rank()] = mine
+    dist.all_reduce(peaks)
+    return peaks.tolist()
+
+
 class Throughput:
     """Counts samples and time per log window and for the whole run (this process's view; every rank
     trains the same number of samples per step, so global img/s is per-device img/s x world size)."""
@@ -94,4 +107,5 @@ class Throughput:
 
     def summary(self) -> dict:
         self.pause()
-        return self.report(self.total) | {"train_seconds": self.total["seconds"], "steps": self.total["steps"]}
+        return self.report(self.total) | {"train_seconds": self.total["seconds"], "steps": self.total["steps"],
+                                          "peak_memory_mb_per_rank": peak_memory_per_rank(self.device)}

@@ -135,6 +135,13 @@ class RunLog:
             self.bar = None
 
 
+def format_peaks(peaks: list[float]) -> str:
+    """`1,234 MiB` for one rank, `rank 0 1,234 MiB, rank 1 1,230 MiB` for several."""
+    if len(peaks) == 1:
+        return f"{peaks[0]:,.0f} MiB"
+    return ", ".join(f"rank {rank} {mb:,.0f} MiB" for rank, mb in enumerate(peaks))
+
+
 def summary_table(summary: dict) -> str:
     lines = ["", "=" * 64, f"run {summary['run']}: {summary['stopped']} after {summary['steps']} steps "
              f"({summary['epochs_completed']} epochs) in {summary['wall_seconds']:.1f} s"
@@ -150,7 +157,9 @@ def summary_table(summary: dict) -> str:
     t = summary["throughput"]
     lines.append(f"  speed {t['img_per_s']:,.0f} img/s ({t['img_per_s_per_device']:,.0f} per device), "
                  f"step {t['step_time_ms']:.1f} ms, data wait {100 * t['data_wait_fraction']:.0f}%, "
-                 f"peak memory {t['peak_memory_mb']:,.0f} MB" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
+                 # Summaries written before peaks were gathered per rank hold rank 0's alone.
+                 f"peak memory {format_peaks(t.get('peak_memory_mb_per_rank', [t['peak_memory_mb']]))}"
+                 + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else "")
                  + f"; start-up {summary['startup_seconds']:.1f} s")
     if summary.get("skipped_steps"):
         lines.append(f"  fp16  {summary['skipped_steps']} optimizer steps skipped by the GradScaler (overflow)")

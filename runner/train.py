@@ -47,6 +47,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     from runner.checkpoint import Checkpointer
     from runner.distributed import enable_debugging, make_accelerator
     from runner.loop import Trainer
+    from runner.memory import resume_micro_batch
     from runner.metrics import Validation
     from runner.throughput import Throughput, device_peak_flops
     from runner.tracking import RunLog, check_trackers
@@ -62,6 +63,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     model, optimizer, scheduler, flops, freezing, ema = build_training(ctx, splits)
     checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info, ema)
     state = resume(ctx, checkpoints, splits)
+    ctx = resume_micro_batch(ctx, batches, state.micro_batch)  # auto: the micro batch that last fit
     ctx.log.start_trackers(run_dir.name, configlib.to_dict(cfg))
     announce(ctx, splits, model, flops, freezing)
     speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
@@ -168,6 +170,8 @@ def resume(ctx: RunContext, checkpoints, splits) -> RunState:
 def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
     from runner.distributed import communication_note
     from runner.model import parameter_count
+    from runner.throughput import peak_memory_per_rank
+    from runner.tracking import format_peaks
 
     cfg, plan, log = ctx.cfg, ctx.plan, ctx.log
     if ctx.run_dir.note:
@@ -179,8 +183,8 @@ def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
              f"data {cfg.data.name} ({cfg.data.loader} path{', ' + splits.description if splits.description else ''}"
              f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: "
              f"{parameter_count(model):,} parameters{f' ({freezing.describe()})' if freezing else ''}, "
-             f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | "
-             f"{plan.total_steps} steps")
+             f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | {plan.total_steps} steps | peak memory so far "
+             f"{format_peaks(peak_memory_per_rank(ctx.acc.device))}")
     advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), ctx.acc.device)
     if advice:
         log.info(advice)
@@ -219,6 +223,8 @@ def write_summary(ctx: RunContext, trainer, final: dict, outcome: str) -> None:
     summary = {
         "run": str(run_dir), "stopped": outcome, "steps": state.global_step, "epochs_completed": state.epoch,
         "world_size": plan.world, "global_batch_size": plan.global_batch, "final": final,
+        # The micro batch the run ended with: train.micro_batch_size=auto may have shrunk it.
+        "micro_batch_size": trainer.ctx.plan.micro_batch, "gradient_accumulation_steps": trainer.ctx.plan.accumulation,
         "length": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
         "best": {"split": trainer.validation.split_name, "metric": cfg.eval.monitor, "value": state.best_metric,
                  "step": state.best_step, "checkpoint": state.best_checkpoint if trainer.checkpoints.enabled else None},

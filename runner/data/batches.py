@@ -60,6 +60,9 @@ class DeviceBatches:
         self.normalise, self.device, self.seed, self.pad, self.flip = normalise, device, seed, crop_padding, flip
         self.eval_sets: dict[ImageSet, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def regroup(self, plan) -> None:
+        self.order = self.order.regrouped(plan)
+
     def batch(self, index: torch.Tensor, epoch: int):
         x = self.images[index]
         if self.pad or self.flip:
@@ -141,6 +144,10 @@ class LoaderBatches:
                                  cfg.flip and augment)
             self.train_loader = DataLoader(train, batch_sampler=self.sampler, num_workers=cfg.num_workers,
                                            pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers)
+
+    def regroup(self, plan) -> None:
+        """Takes effect at the next train_epoch: the sampler runs in the main process."""
+        self.sampler.order = self.sampler.order.regrouped(plan)
 
     def to_device(self, x, y):
         return self.normalise(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)

@@ -53,6 +53,11 @@ class TrainOrder:
         self.global_batch, self.micro_batch, self.world = plan.global_batch, plan.micro_batch, plan.world
         self.accumulation, self.steps_per_epoch = plan.accumulation, plan.steps_per_epoch
 
+    def regrouped(self, plan) -> "TrainOrder":
+        """The same order cut into another plan's micro batches (train.micro_batch_size=auto shrinking):
+        each optimizer step keeps its samples, and every sample its augmentation draws."""
+        return TrainOrder(plan, self.num_samples, self.seed, self.rank)
+
     def permutation(self, epoch: int) -> torch.Tensor:
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
             self.seed * 1_000_003 + epoch))
