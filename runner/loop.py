@@ -158,6 +158,7 @@ class Trainer:
                 raise UserError(f"non-finite training loss at step {a.step} (epoch {self.state.epoch + 1}); "
                                 f"stopped without saving; last good checkpoint: {last}")
             self.train_loss = a.train_loss
+            self.ctx.log.add_step_loss(a.train_loss)
             if a.signalled:
                 self.stop = PREEMPTED
 
@@ -167,8 +168,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if log_due:
             log_window = self.speed.take_window()
-            self.ctx.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr,
-                               throughput=log_window)
+            window_loss = self.ctx.log.take_window_loss()
+            self.ctx.log.event(state.global_step, epoch, "train", {"loss": window_loss}, lr=lr, throughput=log_window)
         self.ctx.log.progress(state.global_step, epoch, self.ctx.plan.epochs, self.train_loss, lr, log_window)
 
     def evaluate_and_track_best(self) -> bool:
