@@ -7,6 +7,7 @@ comparison is tested on those runs and on run directories written by hand, whose
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 import shlex
@@ -43,7 +44,10 @@ def ok(result) -> str:
 
 
 def table_rows(markdown: str) -> list[dict]:
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    """The rows of the first table in the text (compare.py may print a table of seed groups after it)."""
+    text = markdown[markdown.index("\n| "):]
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), text.strip("\n").splitlines()))
+    lines = [line for line in lines if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
 
@@ -129,18 +133,18 @@ def test_compare_sorts_by_the_monitored_metric_and_shows_unfinished_runs(tmp_pat
     fake_run(runs, "high", 0.1, [0.6, 0.8, 0.7], {"accuracy": 0.75, "loss": 0.3})
     fake_run(runs, "running", 0.1, [0.5, 0.6], None, train__seed=1)
     out = ok(run(COMPARE, [runs / "low", str(runs / "[hr]*"), "--out", tmp_path / "out" / "cmp"], tmp_path, 120))
-    assert "3 runs, best accuracy first; differing config keys: optim.lr, train.seed" in out
+    assert "3 runs, best val accuracy first; differing config keys: optim.lr, train.seed" in out
     printed = table_rows(out)
     assert [r["run"] for r in printed] == ["high", "running", "low"]
     high, running, low = printed
-    assert (high["best accuracy"], high["best step"], high["final accuracy"], high["steps"]) == ("0.8", "20", "0.75", "30")
+    assert (high["best val accuracy"], high["best step"], high["final test accuracy"], high["steps"]) == ("0.8", "20", "0.75", "30")
     assert (high["optim.lr"], high["train.seed"], high["status"], high["img/s"]) == ("0.1", "-", "completed", "2,000")
-    assert (running["status"], running["best accuracy"], running["steps"], running["final accuracy"],
+    assert (running["status"], running["best val accuracy"], running["steps"], running["final test accuracy"],
             running["img/s"]) == ("incomplete", "0.6", "20", "-", "1,001")
     assert low["wall s"] == "12.5" and "run.name" not in high
     with open(tmp_path / "out" / "cmp.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["high", "running", "low"] and float(rows[0]["best accuracy"]) == 0.8
+    assert [r["run"] for r in rows] == ["high", "running", "low"] and float(rows[0]["best val accuracy"]) == 0.8
     assert table_rows((tmp_path / "out" / "cmp.md").read_text()) == printed
     png = (tmp_path / "out" / "cmp.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
@@ -191,7 +195,7 @@ def test_local_sweep_runs_each_task_then_compare(tmp_path):
     rows = table_rows(compared)
     assert sorted(r["run"] for r in rows) == ["local-lr_0.01", "local-lr_0.2"]
     assert all(r["status"] == "completed" and r["steps"] == "3" for r in rows)
-    accuracies = [float(r["best accuracy"]) for r in rows]
+    accuracies = [float(r["best val accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
 
 
