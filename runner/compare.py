@@ -1,5 +1,7 @@
-"""Compare runs: the config keys that differ, best and final metrics (each column says its split), steps,
-wall time and img/s, and whether the best run's lead is more than evaluation noise.
+"""Compare runs: which config keys differ, which run is best, and whether its lead is more than noise.
+
+One row per run: the differing config keys, best and final metrics (each column says its split), steps,
+wall time and img/s.
 
     python runner/compare.py runs/lr-seed-*                 # directories (or a quoted glob: 'runs/lr-*')
     python runner/compare.py runs/a runs/b --out runs/ab    # writes runs/ab.csv, runs/ab.md, runs/ab.png
