@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def read_ids(run_dir: Path) -> dict:
 
 class MLflowRun:
     name = "mlflow"
+    settings = "log.tracking_uri or MLFLOW_TRACKING_URI"
 
     def __init__(self, cfg, run_dir, params: dict, stored: dict):
         for key, value in MLFLOW_PROMPT.items():
@@ -88,12 +90,13 @@ class MLflowRun:
 
 class WandbRun:
     name = "wandb"
+    settings = "log.project, log.entity and your W&B login (or WANDB_MODE=offline)"
 
     def __init__(self, cfg, run_dir, params: dict, stored: dict):
         import wandb
 
         resuming = bool(stored.get("id"))
-        self.id = stored.get("id") or wandb.util.generate_id()
+        self.id = stored.get("id") or secrets.token_hex(6)  # W&B ids: lowercase letters and digits
         (run_dir.path / "tracking").mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=run_dir.name, id=self.id,
                               group=cfg.group or None, resume="allow", dir=str(run_dir.path / "tracking"),
@@ -154,13 +157,14 @@ class Trackers:
         for name in self.cfg.trackers:
             if name not in OWN_TRACKERS:
                 continue
+            kind = TRACKER_CLASSES[name]
             try:
-                tracker = TRACKER_CLASSES[name](self.cfg, run_dir, params, ids.get(name) or {})
+                tracker = kind(self.cfg, run_dir, params, ids.get(name) or {})
             except Exception as e:  # noqa: BLE001  (whatever a tracker raises, the user gets one line)
-                reason = f"{name} cannot be reached: {type(e).__name__}: {first_line(e)}"
+                reason = f"{name} cannot be reached or refused the run: {type(e).__name__}: {first_line(e)}"
                 if self.cfg.tracker_errors != "warn":
-                    raise UserError(f"{reason}; check log.tracking_uri / MLFLOW_TRACKING_URI / log.project, or "
-                                    f"set log.tracker_errors=warn to train without it") from None
+                    raise UserError(f"{reason}; check {kind.settings}, or set log.tracker_errors=warn to train "
+                                    f"without it") from None
                 self.give_up(name, f"{reason}; training goes on without it (log.tracker_errors=warn)")
                 continue
             ids[name] = tracker.ids()
