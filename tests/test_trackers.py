@@ -17,10 +17,9 @@ import pytest
 import yaml
 
 from runner.config import flatten
+from runner.plot import resume_steps
 from tests.dist_helpers import Background, error_lines, torchrun
 from tests.util import BIN, PYTHON, REPO, clean_env, free_port, read_jsonl
-
-pytestmark = pytest.mark.slow
 
 # 1295 training samples / global batch 16 = 80 steps per epoch; a checkpoint every 10 steps.
 TRAIN = ["--config", "digits", "train.epochs=1", "train.global_batch_size=16", "checkpoint.every_steps=10",
@@ -114,6 +113,7 @@ def logged_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+@pytest.mark.slow
 def test_one_mlflow_run_across_sigusr1_kill9_and_another_world_size(mlflow_server, tmp_path):
     run_dir = tmp_path / "runs" / "tracked"
     args, env = TRAIN + ["run.name=tracked"], env_for(tmp_path, mlflow_server.uri)
@@ -154,6 +154,7 @@ def test_one_mlflow_run_across_sigusr1_kill9_and_another_world_size(mlflow_serve
     assert "best_val/accuracy" in run.data.metrics and "final_test/accuracy" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracker_is_one_line_before_training(tmp_path):
     nobody = f"http://127.0.0.1:{free_port()}"
     env = env_for(tmp_path, nobody)
@@ -172,6 +173,7 @@ def test_an_unreachable_tracker_is_one_line_before_training(tmp_path):
     assert "mlflow missed steps 1-4 " in warned.stdout, warned.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_run_leaves_the_run_finishing(mlflow_server, tmp_path):
     run_dir = tmp_path / "runs" / "orphan"
     launch = start(TRAIN + ["run.name=orphan", "log.plot=false"], tmp_path, env_for(tmp_path, mlflow_server.uri))
@@ -189,6 +191,7 @@ def test_a_server_killed_mid_run_leaves_the_run_finishing(mlflow_server, tmp_pat
     assert 5 <= first_missed <= killed_after + 1 and missed.split()[3] == f"{first_missed}-{STEPS}", missed
 
 
+@pytest.mark.slow
 def test_wandb_offline_keeps_one_run_id_across_segments(tmp_path):
     env = clean_env(tmp_path, WANDB_MODE="offline", HOME=tmp_path / "home", WANDB_SILENT="true")
     args = ["--config", "digits", "train.epochs=1", "log.trackers=[wandb]", "log.plot=false", "run.name=wb",
@@ -202,3 +205,26 @@ def test_wandb_offline_keeps_one_run_id_across_segments(tmp_path):
     segments = sorted((run_dir / "tracking" / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{wandb_id}") for s in segments), segments
     assert all((s / f"run-{wandb_id}.wandb").is_file() for s in segments)
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert resume_steps(records) == [3], "curves.png marks where the second segment took over"
+
+
+def test_train_loss_is_the_mean_over_the_log_window(train_main):
+    """log.every_steps=5 logs at step 5k the mean of the losses of steps 5k-4 .. 5k, which a run logging
+    every step shows one by one; the default logs about 100 points."""
+    args = ["--config", "digits", "train.epochs=1", "train.limit_train_steps=20", "log.trackers=[]",
+            "log.plot=false", "checkpoint.keep_last=1"]
+    assert train_main(args + ["run.name=every1", "log.every_steps=1"]).returncode == 0
+    assert train_main(args + ["run.name=every5", "log.every_steps=5"]).returncode == 0
+    result = train_main(args + ["run.name=auto", "train.global_batch_size=4", "train.limit_train_steps=250"])
+    assert result.returncode == 0, result.stderr
+    runs = result.run_root
+    each = {r["step"]: r["metrics"]["loss"] for r in read_jsonl(runs / "every1" / "metrics.jsonl")
+            if r["split"] == "train"}
+    windows = {r["step"]: r["metrics"]["loss"] for r in read_jsonl(runs / "every5" / "metrics.jsonl")
+               if r["split"] == "train"}
+    assert list(windows) == [5, 10, 15, 20]
+    for step, loss in windows.items():
+        assert loss == pytest.approx(sum(each[s] for s in range(step - 4, step + 1)) / 5, rel=1e-6), step
+    auto = [r["step"] for r in read_jsonl(runs / "auto" / "metrics.jsonl") if r["split"] == "train"]
+    assert auto == list(range(2, 251, 2)), "250 steps: a point every 2 steps"
