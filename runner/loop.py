@@ -145,7 +145,10 @@ class Trainer:
         self.settle(self.agreement.read(everything=boundary))
         if self.stop is not None:  # stopping here: this step's agreement too, so no collective is left pending
             self.settle(self.agreement.read(everything=True))
-        self.report(log_due, state.epoch - epoch_done)
+        # A train point also falls on every step that may write a checkpoint (a save, an evaluation that may
+        # keep the best, the end, a stop), so no log window straddles a checkpoint: a run resumed from one
+        # logs the same points, with the same values, as the run that wrote it.
+        self.report(boundary or self.stop is not None, state.epoch - epoch_done)
         if eval_due and self.evaluate_and_track_best() and cfg.checkpoint.keep_best:
             save_due = True
         if save_due or self.stop or plan.finished(state):
