@@ -207,6 +207,6 @@ class Trackers:
     def report(self) -> str | None:
         """What each tracker that failed missed, for the end of the run."""
         lines = [f"{name} missed steps {step_ranges(steps)} ({len(steps)} points; metrics.jsonl has them)"
-                 if steps else f"{name} missed nothing logged after it failed"
+                 if steps else f"{name} missed no metric point (it failed at the end: see the warning above)"
                  for name, steps in self.missed.items()]
         return "\n".join(lines) or None
