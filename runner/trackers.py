@@ -130,18 +130,6 @@ def check_installed(names: list[str]) -> list[str]:
     return [n for n in names if n in OWN_TRACKERS and importlib.util.find_spec(n) is None]
 
 
-def step_ranges(steps: list[int]) -> str:
-    """[5, 6, 7, 10] -> '5-7, 10'."""
-    parts, start = [], None
-    for i, step in enumerate(steps):
-        if start is None:
-            start = step
-        if i + 1 == len(steps) or steps[i + 1] != step + 1:
-            parts.append(str(start) if start == step else f"{start}-{step}")
-            start = None
-    return ", ".join(parts)
-
-
 class Trackers:
     """The MLflow and W&B runs of this training run, on the main process. Each one that fails is given up
     with one warning line, and the steps it then misses are told at the end."""
@@ -149,8 +137,7 @@ class Trackers:
     def __init__(self, cfg, warn):
         self.cfg, self.warn = cfg, warn
         self.active: list = []
-        self.missed: dict[str, list[int]] = {}
-        self.reasons: dict[str, str] = {}
+        self.missed: dict[str, list[int]] = {}  # the steps each failed tracker did not get
 
     def start(self, run_dir, params: dict) -> None:
         ids = read_ids(run_dir.path)
@@ -174,7 +161,6 @@ class Trackers:
 
     def give_up(self, name: str, reason: str) -> None:
         self.warn(f"warning: {reason}")
-        self.reasons[name] = reason
         self.missed.setdefault(name, [])
 
     def call(self, tracker, method: str, *args) -> bool:
@@ -206,7 +192,8 @@ class Trackers:
 
     def report(self) -> str | None:
         """What each tracker that failed missed, for the end of the run."""
-        lines = [f"{name} missed steps {step_ranges(steps)} ({len(steps)} points; metrics.jsonl has them)"
+        # A tracker that failed is given up: it missed every point from its failure on.
+        lines = [f"{name} missed steps {steps[0]}-{steps[-1]} ({len(steps)} points; metrics.jsonl has them)"
                  if steps else f"{name} missed no metric point (it failed at the end: see the warning above)"
                  for name, steps in self.missed.items()]
         return "\n".join(lines) or None
