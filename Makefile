@@ -3,14 +3,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast bench clean constraints
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The versions in constraints.txt are the ones the tests passed with (the local package itself is not pinned).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -25,12 +26,19 @@ test-fast: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench]" -c constraints.txt
 	touch $(BENCH_STAMP)
 
 # About 3 minutes: every case in 3 interleaved rounds; `python -m benchmarks.bench --help` for options.
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench --json runs/bench.json
+
+# The direct and test dependencies of pyproject.toml, pinned to what this .venv holds (run after `make test`).
+PINNED := accelerate|matplotlib|mlflow|psutil|pytest|pytest-timeout|pyyaml|safetensors|scikit-learn|tensorboard|torch|torchmetrics|torchvision|tqdm|wandb
+
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(PY) -m pip freeze | grep -iE '^($(PINNED))=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs

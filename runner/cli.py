@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from runner.errors import (EXIT_LOST_RANK, EXIT_USER_ERROR, ConfigError, UserError, cut_middle, first_line,
@@ -131,3 +132,47 @@ class Command:
             if debug:
                 return 1
             raise
+
+
+# ---------------------------------------------------------------------------------------------- `runner CMD`
+
+# Each subcommand is a module with a `main(argv)`; it is imported only when it runs, so `runner --help` and a
+# mistyped command stay fast.
+SUBCOMMANDS = {"train": "runner.train", "evaluate": "runner.evaluate", "predict": "runner.predict",
+               "prepare-data": "runner.prepare_data", "doctor": "runner.doctor", "sweep": "runner.sweep",
+               "compare": "runner.compare"}
+USAGE = "usage: runner <command> [--help] [arguments]"
+
+
+def summary_line(module: str) -> str:
+    """The first line of a module's docstring, read without importing it."""
+    import ast
+    import importlib.util
+
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    return (ast.get_docstring(ast.parse(source)) or "").splitlines()[0]
+
+
+def runner_help() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {summary_line(module)}" for name, module in SUBCOMMANDS.items())
+    return (f"{USAGE}\n\n{rows}\n\n`runner <command> --help` tells each command's arguments. The scripts under "
+            f"runner/ take the same arguments (python runner/train.py ..., accelerate launch runner/train.py ...).")
+
+
+def dispatch(argv: list[str] | None = None) -> int:
+    """`runner <command> ...`: the command's own main() with the rest of the arguments."""
+    import difflib
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("--help", "-h", "help"):
+        print(runner_help(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else EXIT_USER_ERROR
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        close = difflib.get_close_matches(name, SUBCOMMANDS, n=1)
+        say_error(f"unknown command {shown(name)}" + (f" (did you mean {close[0]}?)" if close else "")
+                  + f"; commands: {', '.join(SUBCOMMANDS)}")
+        return EXIT_USER_ERROR
+    return importlib.import_module(SUBCOMMANDS[name]).main(rest)

@@ -189,7 +189,10 @@ class Trainer:
         self.settle(self.agreement.read(everything=boundary))
         if self.stop is not None:  # stopping here: this step's agreement too, so no collective is left pending
             self.settle(self.agreement.read(everything=True))
-        self.report(log_due, state.epoch - epoch_done)
+        # A train point also falls on every step that may write a checkpoint (a save, an evaluation that may
+        # keep the best, the end, a stop), so no log window straddles a checkpoint: a run resumed from one
+        # logs the same points, with the same values, as the run that wrote it.
+        self.report(boundary or self.stop is not None, state.epoch - epoch_done)
         if eval_due and self.evaluate_and_track_best() and cfg.checkpoint.keep_best:
             save_due = True
         if save_due or self.stop or plan.finished(state):
@@ -202,6 +205,7 @@ class Trainer:
                 raise UserError(f"non-finite training loss at step {a.step} (epoch {self.state.epoch + 1}); "
                                 f"stopped without saving; last good checkpoint: {last}")
             self.train_loss = a.train_loss
+            self.ctx.log.add_step_loss(a.train_loss)
             if a.signalled:
                 self.stop = PREEMPTED
 
@@ -211,8 +215,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         if log_due:
             log_window = self.speed.take_window()
-            self.ctx.log.event(state.global_step, epoch, "train", {"loss": self.train_loss}, lr=lr,
-                               throughput=log_window)
+            window_loss = self.ctx.log.take_window_loss()
+            self.ctx.log.event(state.global_step, epoch, "train", {"loss": window_loss}, lr=lr, throughput=log_window)
         self.ctx.log.progress(state.global_step, epoch, self.ctx.plan.epochs, self.train_loss, lr, log_window)
 
     def evaluate_and_track_best(self) -> bool:

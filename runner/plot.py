@@ -17,8 +17,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of metrics.jsonl; a line cut short by a kill, or one that is not a record, is skipped."""
+    records = []
+    for line in (run_dir / "metrics.jsonl").read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("metrics"), dict):
+            records.append(record)
+    return records
+
+
+def resume_steps(records: list[dict]) -> list[int]:
+    """Where each later segment of a resumed run took over: the last step the earlier one left on record."""
+    steps, last = [], {}
+    for r in records:
+        segment = r.get("segment", 1)
+        if last and segment not in last:
+            steps.append(max(last.values()))
+        last[segment] = r["step"]
+    return steps
 
 
 def plot_run(run_dir: Path) -> Path:
@@ -27,20 +46,27 @@ def plot_run(run_dir: Path) -> Path:
     evals = [r for r in records if r["split"] in ("val", "test", "overfit")]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
     panels = [
-        (axes[0, 0], "train loss", train, lambda r: r["metrics"]["loss"]),
-        (axes[0, 1], "eval loss", evals, lambda r: r["metrics"]["loss"]),
-        (axes[1, 0], "eval accuracy", evals, lambda r: r["metrics"]["accuracy"]),
-        (axes[1, 1], "learning rate", train, lambda r: r["lr"]),
+        (axes[0, 0], "train loss (mean over each log window)", train, "loss"),
+        (axes[0, 1], f"{evals[0]['split'] if evals else 'eval'} loss", evals, "loss"),
+        (axes[1, 0], f"{evals[0]['split'] if evals else 'eval'} accuracy", evals, "accuracy"),
+        (axes[1, 1], "learning rate", train, "lr"),
     ]
-    for ax, title, rows, value in panels:
+    resumes = resume_steps(records)
+    for ax, title, rows, key in panels:
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        if rows:
-            ax.plot([r["step"] for r in rows], [value(r) for r in rows], marker="." if len(rows) < 50 else None)
+        points = [(r["step"], r["lr"] if key == "lr" else r["metrics"].get(key)) for r in rows]
+        points = [(s, v) for s, v in points if isinstance(v, (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(run_dir.name)
+        for i, step in enumerate(resumes):
+            ax.axvline(step, color="grey", linestyle=":", label="resumed" if i == 0 else None)
+    if resumes:
+        axes[0, 0].legend(fontsize="small")
+    fig.suptitle(run_dir.name + (f" ({len(resumes) + 1} segments)" if resumes else ""))
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)

@@ -154,7 +154,7 @@ class RunDir:
                 raise UserError(f"{self.path} already holds checkpoints and resume=none; use resume=auto to "
                                 f"continue it, run.overwrite=true to start over, or another run.name")
             shutil.rmtree(self.checkpoints)
-            for stale in ("metrics.jsonl", "summary.json"):
+            for stale in ("metrics.jsonl", "summary.json", "trackers.json"):  # a new tracker run too
                 (self.path / stale).unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
 

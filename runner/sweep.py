@@ -17,7 +17,8 @@ crossed with every grid point):
 
 Every task's config is checked before anything starts. Each task is one runner/train.py run named from the
 sweep and its overrides (`run.name=lr-seed-lr_0.1-seed_0`; `run.name=X` on the command line replaces the
-prefix), so a preempted and requeued task, or the same sweep started again, resumes its own runs.
+prefix), so a preempted and requeued task, or the same sweep started again, resumes its own runs. The
+tasks share `log.group=<sweep name>`: one MLflow experiment, or one W&B group.
 Overrides on the command line apply to every task and may not set a swept key.
 
 Flags:
@@ -164,6 +165,7 @@ def name_tasks(prefix: str, sets: list[dict]) -> list[Task]:
 def train_args(sweep: Sweep, task: Task, config: str | None, cli_overrides: list) -> list[str]:
     """runner/train.py's arguments for one task: fixed, then the command line's, then the task's own."""
     args = ["--config", config] if config else []
+    args.append(f"log.group={sweep.name}")  # the sweep's runs share an MLflow experiment / W&B group
     args += [f"{k}={override_text(v)}" for k, v in sweep.fixed.items()]
     args += [f"{k}={text}" for k, text in cli_overrides]
     args += [f"{k}={override_text(v)}" for k, v in task.overrides.items()]

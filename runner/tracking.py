@@ -1,7 +1,9 @@
 """What the run reports: console lines or a progress bar, metrics.jsonl, trackers and the summary.
 
-metrics.jsonl is the source of truth; trackers (TensorBoard by default, through Accelerate's tracking
-API) get the same numbers. Only the main process writes or prints; other ranks speak only on errors.
+metrics.jsonl is the source of truth; trackers get the same numbers: TensorBoard (the default) through
+Accelerate's tracking API, MLflow and W&B through runner/trackers.py, which keeps one tracker run across
+the segments of a resumed run. Only the main process writes, prints or talks to a tracker; other ranks speak
+only on errors.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tqdm import tqdm
 from runner.config import flatten, setting
 from runner.distributed import is_main_rank
 from runner.errors import ConfigError
+from runner.trackers import OWN_TRACKERS, Trackers, check_installed
 
 # Accelerate's tracking is imported inside check_trackers: it pulls in torch, which --help and config errors
 # never load.
@@ -24,21 +27,39 @@ from runner.errors import ConfigError
 
 @dataclass
 class LogConfig:
-    every_steps: int = setting(50, min=1)                # a console line / tracker point every N steps
-    trackers: list[str] = setting(["tensorboard"])       # any tracker Accelerate supports; [] for none
+    every_steps: int = setting(0, min=0)                 # a train point every N steps (0: total steps / 100)
+    trackers: list[str] = setting(["tensorboard"])       # tensorboard, mlflow, wandb, or any Accelerate supports
+    tracking_uri: str = ""                               # MLflow server (default: MLFLOW_TRACKING_URI)
+    project: str = "runner"                              # W&B project; MLflow experiment unless `group` is set
+    entity: str = ""                                     # W&B entity (team or user; default: yours)
+    group: str = ""                                      # W&B group and MLflow experiment (a sweep: its name)
+    tracker_errors: str = setting("fail", choices=["fail", "warn"])  # an unreachable tracker at start
     progress: str = setting("auto", choices=["auto", "bar", "lines"])   # auto: a bar on a terminal
     plot: bool = True                                    # draw curves.png at the end
     peak_tflops: float = setting(0.0, min=0.0)           # per-device peak for MFU (0: known GPUs only)
 
 
-def check_trackers(names: list[str]) -> None:
-    """Against Accelerate's own list."""
+def check_trackers(cfg: LogConfig) -> None:
+    """Against Accelerate's list, plus what MLflow and W&B need, before anything starts."""
+    import os
+
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-    unknown = [t for t in names if t not in LOGGER_TYPE_TO_CLASS]
+    unknown = [t for t in cfg.trackers if t not in LOGGER_TYPE_TO_CLASS]
     if unknown:
         raise ConfigError(f"log.trackers: unknown tracker {unknown[0]!r}; Accelerate supports "
                           f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    missing = check_installed(cfg.trackers)
+    if missing:
+        raise ConfigError(f"log.trackers: {missing[0]} is not installed; pip install -e '.[track]'")
+    if "mlflow" in cfg.trackers and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError("log.trackers=[mlflow] needs a server: set MLFLOW_TRACKING_URI or log.tracking_uri")
+
+
+def accelerate_trackers(names: list[str]) -> list[str]:
+    """The trackers Accelerate drives (TensorBoard and the rest): MLflow and W&B are driven by runner.trackers,
+    so that a resumed run continues its tracker run instead of starting a new one."""
+    return [name for name in names if name not in OWN_TRACKERS]
 
 
 def format_eta(seconds: float) -> str:
@@ -50,7 +71,8 @@ class RunLog:
     """`time` in metrics.jsonl counts wall seconds since the run first started, across resumed segments."""
 
     def __init__(self, accelerator, metrics_file: Path | None, cfg: LogConfig, total_steps: int):
-        self.acc, self.total_steps, self.every_steps = accelerator, total_steps, cfg.every_steps
+        self.acc, self.total_steps = accelerator, total_steps
+        self.every_steps = cfg.every_steps or max(1, total_steps // 100)  # auto: about 100 points a run
         self.main = is_main_rank()
         self.bar = None
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty())
@@ -60,16 +82,51 @@ class RunLog:
             self.bar = tqdm(total=total_steps, unit="step", ncols=size.columns, nrows=size.lines, file=sys.stdout)
         self.metrics_file = metrics_file
         self.started = time.time()
+        self.segment = 1
         self.tracker_config: tuple[str, dict] | None = None
+        self.trackers = Trackers(cfg, self.warn)
+        self.window_losses: list[float] = []  # each step's loss (mean over ranks) since the last train point
 
     def due(self, step: int) -> bool:
         """A train record falls on this step (every log.every_steps, and the last step)."""
         return step % self.every_steps == 0 or step == self.total_steps
 
-    def start_trackers(self, run_name: str, config: dict) -> None:
-        """Trackers start with the first record: their imports and writers stay out of the start-up time."""
+    def add_step_loss(self, loss: float) -> None:
+        self.window_losses.append(loss)
+
+    def take_window_loss(self) -> float:
+        """The mean training loss over the steps since the last train point: a curve of single steps' losses
+        would show the noise of a batch, not the trend."""
+        losses, self.window_losses = self.window_losses, []
+        return sum(losses) / len(losses) if losses else float("nan")
+
+    def start_trackers(self, run_dir, config: dict) -> None:
+        """MLflow and W&B start (or continue their run) now, so that an unreachable one stops the run before
+        it trains. Accelerate's trackers start with the first record: their imports and writers stay out of
+        the start-up time."""
         flat = {k: str(v) if isinstance(v, (list, dict)) or v is None else v for k, v in flatten(config).items()}
-        self.tracker_config = (run_name, flat)
+        self.tracker_config = (run_dir.name, flat)
+        if self.main and run_dir.enabled:
+            self.trackers.start(run_dir, flat)
+
+    def end_trackers(self, summary: dict | None, files: list[Path] = ()) -> None:
+        """Finished (summary: the best metric and the run's files go to the tracker run) or preempted
+        (summary None: the tracker run waits for the next segment). Then which steps a failed tracker missed."""
+        if not self.main:
+            return
+        if summary is None:
+            self.trackers.suspend()
+        else:
+            self.trackers.finish(best_scalars(summary), [f for f in files if f.is_file()])
+        missed = self.trackers.report()
+        if missed:
+            self.info(missed)
+
+    def warn(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def info(self, message: str) -> None:
         if not self.main:
@@ -79,26 +136,32 @@ class RunLog:
         else:
             print(message, flush=True)
 
-    def continue_after(self, step: int, wall_seconds: float) -> None:
-        """After a resume: time goes on from the earlier segments' wall time, and the records the
-        interrupted run logged past its checkpoint are dropped."""
-        self.started = time.time() - wall_seconds
+    def continue_after(self, step: int, wall_seconds: float, segment: int) -> None:
+        """After a resume: time goes on from the earlier segments' wall time, records say which segment
+        wrote them (curves.png marks the resumes), and the records the interrupted run logged past its
+        checkpoint are dropped."""
+        self.started, self.segment = time.time() - wall_seconds, segment
         if not (self.main and self.metrics_file and self.metrics_file.exists()):
             return
-        kept = []
+        kept, last_time = [], 0.0
         for line in self.metrics_file.read_text().splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except ValueError:  # a line cut short by kill -9
                 continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+                last_time = max(last_time, record.get("time", 0.0))
         self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        # Records of the checkpoint's own step may come after it was saved (a final evaluation): time goes on
+        # from the latest of them, so it never runs backwards.
+        self.started = min(self.started, time.time() - last_time)
 
     def event(self, step: int, epoch: int, split: str, metrics: dict, **extra) -> None:
         if not self.main:
             return
         record = {"step": step, "epoch": epoch, "split": split, "time": round(time.time() - self.started, 3),
-                  "metrics": metrics, **extra}
+                  "segment": self.segment, "metrics": metrics, **extra}
         if self.metrics_file:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -113,6 +176,7 @@ class RunLog:
             scalars[f"{split}/recall/{name}"] = by_class["recall"]
         if self.acc.trackers:
             self.acc.log(scalars, step=step)
+        self.trackers.log(scalars, step)
 
     def progress(self, step: int, epoch: int, epochs: int, loss: float, lr: float, speed: dict | None) -> None:
         if not self.main:
@@ -140,6 +204,16 @@ def format_peaks(peaks: list[float]) -> str:
     if len(peaks) == 1:
         return f"{peaks[0]:,.0f} MiB"
     return ", ".join(f"rank {rank} {mb:,.0f} MiB" for rank, mb in enumerate(peaks))
+
+
+def best_scalars(summary: dict) -> dict:
+    """The best value of the monitored metric as a tracker scalar (`_step`: the step of the run's end). The
+    final metrics are already there: the final evaluations are logged like any other."""
+    best = summary.get("best") or {}
+    scalars = {"_step": summary["steps"]}
+    if isinstance(best.get("value"), (int, float)):
+        scalars[f"best_{best['split']}/{best['metric']}"] = best["value"]
+    return scalars
 
 
 def summary_table(summary: dict) -> str:

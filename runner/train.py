@@ -50,13 +50,13 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     from runner.memory import resume_micro_batch
     from runner.metrics import Validation
     from runner.throughput import Throughput, device_peak_flops
-    from runner.tracking import RunLog, check_trackers
+    from runner.tracking import RunLog, accelerate_trackers, check_trackers
 
-    check_trackers(cfg.log.trackers)
+    check_trackers(cfg.log)
     if cfg.dist.debug:
         enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
-                           cfg.log.trackers if run_dir.enabled else [])
+                           accelerate_trackers(cfg.log.trackers) if run_dir.enabled else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc)
     ctx = RunContext(cfg, plan, acc, run_dir, RunLog(acc, run_dir.metrics_file, cfg.log, plan.total_steps))
@@ -64,7 +64,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info, ema)
     state = resume(ctx, checkpoints, splits)
     ctx = resume_micro_batch(ctx, batches, state.micro_batch)  # auto: the micro batch that last fit
-    ctx.log.start_trackers(run_dir.name, configlib.to_dict(cfg))
+    ctx.log.start_trackers(run_dir, configlib.to_dict(cfg))
     announce(ctx, splits, model, flops, freezing)
     speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
     trainer = Trainer(ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
@@ -162,7 +162,7 @@ def resume(ctx: RunContext, checkpoints, splits) -> RunState:
         return RunState(fingerprint=run_dir.experiment)
     path, state = resumed
     state.segments += 1
-    ctx.log.continue_after(state.global_step, state.wall_seconds)
+    ctx.log.continue_after(state.global_step, state.wall_seconds, state.segments)
     ctx.log.info(f"resumed from {path} (epoch {state.epoch + 1}, step {state.global_step})")
     return state
 
@@ -195,6 +195,7 @@ def preempted_exit(ctx: RunContext, checkpoints, state: RunState) -> int:
     saved = "checkpoint saved" if checkpoints.enabled else "nothing saved (fast_dev_run)"
     ctx.log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: {saved}")
     ctx.log.close()
+    ctx.log.end_trackers(None)
     if is_main_rank() and checkpoints.enabled and ctx.cfg.run.requeue and preemption.should_requeue():
         preemption.requeue_slurm_job(ctx.log.info)
     ctx.acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
@@ -240,6 +241,8 @@ def write_summary(ctx: RunContext, trainer, final: dict, outcome: str) -> None:
     if cfg.log.plot and run_dir.enabled and is_main_rank():
         from runner.plot import plot_run
         plot_run(run_dir.path)
+    if run_dir.enabled:
+        ctx.log.end_trackers(summary, [run_dir.path / f for f in ("summary.json", "config.yaml", "curves.png")])
 
 
 def print_finished(run_dir: RunDir, summary: dict) -> int:

@@ -128,7 +128,7 @@ def test_local_sweep_runs_each_task_then_compare(tmp_path):
     rows = table_rows(compared)
     assert sorted(r["run"] for r in rows) == ["local-lr_0.01", "local-lr_0.2"]
     assert all(r["status"] == "completed" and r["steps"] == "3" for r in rows)
-    accuracies = [float(r["best accuracy"]) for r in rows]
+    accuracies = [float(r["best val accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
 
 

@@ -2,6 +2,7 @@
 the common arguments and assertions. Fixtures live in tests/conftest.py."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -155,7 +156,10 @@ def run_tool(script: str, args: list, tmp_path: Path, timeout: float = 300) -> s
 
 
 def table_rows(markdown: str) -> list[dict]:
-    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    """The rows of the first table in the text (compare.py may print a table of seed groups after it)."""
+    text = markdown[markdown.index("\n| "):]
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), text.strip("\n").splitlines()))
+    lines = [line for line in lines if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
 
