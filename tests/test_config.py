@@ -355,8 +355,8 @@ def test_the_config_check_knows_every_built_in_model():
     check and stand for a model class."""
     from torch import nn
 
-    from runner.model import ModelConfig, model_class
+    from runner.model import ModelConfig, model_builder
 
     for name in models.REGISTRY:
         ModelConfig(name=name).validate()
-        assert issubclass(model_class(name), nn.Module), name
+        assert issubclass(model_builder(name), nn.Module), name
