@@ -34,14 +34,21 @@ class WeightsSource:
     sha256: str
 
 
-@functools.lru_cache(maxsize=None)
 def weights_source(path: str) -> WeightsSource:
-    """The file `model.weights` names and its sha256 (a checkpoint's from its verified manifest)."""
+    """The file `model.weights` names and its sha256 (a checkpoint's from its verified manifest), hashed once
+    per version of the path (its size and mtime)."""
+    try:
+        version = Path(path).stat()
+    except OSError:
+        raise UserError(f"model.weights={shown(path)} does not exist") from None
+    return hashed_source(path, version.st_size, version.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def hashed_source(path: str, size: int, mtime_ns: int) -> WeightsSource:
     from runner.checkpoint import CheckpointError, find, sha256
 
     given = Path(path)
-    if not given.exists():
-        raise UserError(f"model.weights={shown(path)} does not exist")
     if given.is_dir():
         try:
             checkpoint = find(given)

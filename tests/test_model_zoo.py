@@ -245,3 +245,27 @@ def test_a_timm_model_ends_the_same_on_one_and_two_processes(images, tmp_path):
     assert summary(tmp_path / "runs" / "two")["world_size"] == 2
     for key in one:
         assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_changed_weights_file_is_another_experiment(train_main, tmp_path):
+    """The weights file's sha256 is in the fingerprint (recorded as model.weights_sha256): the same config over
+    a changed file gets a new run directory; over the same file, the finished run is found and left alone."""
+    from safetensors.torch import save_file
+
+    from models.linear import LinearClassifier
+
+    weights = tmp_path / "start.safetensors"
+    args = ["--config", "digits", f"model.weights={weights}", "train.max_steps=2", *QUIET]
+    names = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        save_file(LinearClassifier().state_dict(), str(weights))
+        result = train_main(args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        names.append(sorted(p.name for p in result.run_root.iterdir()))
+    assert names == [["digits"], ["digits"], ["digits", "digits-2"]]
+    assert "has already finished" in train_main(args).stdout
+    recorded = (result.run_root / "digits-2" / "config.yaml").read_text()
+    from runner.checkpoint import sha256
+
+    assert f"weights_sha256: {sha256(weights)}" in recorded
