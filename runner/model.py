@@ -31,8 +31,8 @@ LIBRARY_MODEL = re.compile(r"(timm|torchvision):([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
 class ModelConfig:
     name: str = setting("linear", fingerprint=True)
     kwargs: dict = setting({}, fingerprint=True)
-    weights: str = setting("", fingerprint=True)       # start from: a weights file, a run or one of its checkpoints
-    weights_sha256: str = setting("", fingerprint=True)  # recorded when training starts: model.weights' identity
+    weights: str = ""                # start from: a weights file, a run or one of its checkpoints (path)
+    weights_sha256: str = setting("", fingerprint=True)  # recorded when training starts: the weights' identity
     pretrained: bool = setting(False, fingerprint=True)  # timm/torchvision models: their own pretrained weights
     channels_last: bool = False      # NHWC memory format: faster convolutions with AMX/oneDNN and tensor cores
     compile: bool = False            # torch.compile, applied before the DDP wrap
@@ -189,7 +189,10 @@ def pretrained_preprocessing(cfg: ModelConfig) -> dict | None:
                 "std": list(pretrained.std)}
     from torchvision.models import get_model_weights
 
-    transform = get_model_weights(arch).DEFAULT.transforms()
+    try:
+        transform = get_model_weights(arch).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError):  # an unknown name, or a model without weights
+        raise UserError(f"model.pretrained=true: torchvision has no pretrained weights for {arch}") from None
     return {"image_size": list(transform.crop_size) * (2 // len(transform.crop_size)),
             "mean": list(transform.mean), "std": list(transform.std)}
 
