@@ -236,16 +236,16 @@ def test_a_scalar_image_size_resizes_on_both_data_paths_alike(train_main):
 @pytest.mark.slow
 def test_a_timm_model_ends_the_same_on_one_and_two_processes(images, tmp_path):
     """timm:test_vit (LayerNorm, no BatchNorm) under torchrun: the same weights as one process."""
-    args = folder_args(images, tmp_path, "model.name=timm:test_vit", "model.kwargs={img_size: 16, patch_size: 4}")
+    args = folder_args(images, tmp_path, "model.name=timm:test_vit", "model.kwargs={img_size: 16, patch_size: 4}",
+                       "optim.name=sgd", "optim.lr=0.05")
     env = clean_env(tmp_path, HF_HUB_OFFLINE=1)
     for name, launcher in (("one", None), ("two", torchrun(2))):
         done = run_train(args + [f"run.name={name}"], tmp_path, launcher=launcher, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (read_weights(final_checkpoint(tmp_path / "runs" / n)) for n in ("one", "two"))
     assert summary(tmp_path / "runs" / "two")["world_size"] == 2
-    # Adam divides by the root of tiny second moments, so summation-order differences between one and two
-    # processes grow where gradients are tiny (elementwise checks fail there); per tensor they stay far below
-    # what a different start or sample order gives (O(1)).
+    # SGD: an attention key bias gets a gradient of pure rounding noise (softmax ignores it), which Adam scales
+    # up to full steps (3e-4 apart measured); with SGD the comparison is about the run, not that noise.
     for key in one:
         difference = ((one[key] - two[key]).norm() / one[key].norm()).item()
         assert difference < 1e-4, (key, difference)
