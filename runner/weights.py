@@ -46,7 +46,7 @@ def weights_source(path: str) -> WeightsSource:
 
 @functools.lru_cache(maxsize=None)
 def hashed_source(path: str, size: int, mtime_ns: int) -> WeightsSource:
-    from runner.checkpoint import CheckpointError, find, sha256
+    from runner.checkpoint import CheckpointError, find, read_manifest, sha256
 
     given = Path(path)
     if given.is_dir():
@@ -54,8 +54,6 @@ def hashed_source(path: str, size: int, mtime_ns: int) -> WeightsSource:
             checkpoint = find(given)
         except CheckpointError as e:
             raise UserError(f"model.weights={shown(path)}: {e}") from None
-        from runner.checkpoint import read_manifest
-
         return WeightsSource(checkpoint / "model.safetensors",
                              read_manifest(checkpoint)["files"]["model.safetensors"]["sha256"])
     kind = not_a_regular_file(given)
