@@ -273,3 +273,17 @@ def test_a_changed_weights_file_is_another_experiment(train_main, tmp_path):
     from runner.checkpoint import sha256
 
     assert f"weights_sha256: {sha256(weights)}" in recorded
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["model.name=simple_cnn", "model.pretrained=true"], "model.pretrained=true needs a timm:<name> or torchvision"),
+    (["model.name=timm:test_resnet", "model.pretrained=true", "model.weights=w.safetensors"],
+     "model.pretrained=true and model.weights are both set"),
+    (["model.name=timm:no_such_net"], "timm has no model no_such_net"),
+    (["model.name=torchvision:resnet18"], "set data.channels=3"),
+])
+def test_pretrained_and_names_that_cannot_work_are_one_line(train_main, overrides, says):
+    """Config errors, an unknown timm name, and a torchvision model on grey digits (it says which key to set)."""
+    result = train_main(["--config", "digits", *overrides, *QUIET])
+    assert says in error_line(result)
+    assert not result.run_root.exists()
