@@ -1,6 +1,6 @@
 """Benchmark: the runner against a plain Accelerate loop and PyTorch Lightning, on 1 and 2 processes.
 
-    python -m benchmarks.bench [--seconds 1] [--rounds 3] [--json PATH] [--only cnn|linear]
+    python -m benchmarks.bench [--seconds 1] [--rounds 3] [--json PATH] [--only cnn|linear|timm]
                                [--frameworks runner,accelerate,lightning] [--folder] [--full]
 
 Two workloads, on files written in the real formats to a temporary directory: SimpleCNN at batch 64 on
@@ -19,7 +19,8 @@ all of them; each case reports min / median / max img/s over the rounds, and rat
 of this one run. Start-up is the seconds from the command's start to the end of its first optimizer step.
 --seconds sets the timed steady state of each case in each round. --folder adds the image-folder case
 (benchmarks/folder_bench.py: cache build rate, training on the cached folder). --full adds it and the
-deep-dive cases (compute bound, tutorial loop, speed options, torchvision data path; benchmarks/deep.py).
+deep-dive cases (compute bound, tutorial loop, speed options, torchvision data path; benchmarks/deep.py)
+and the timm:resnet18 workload (32x32 CIFAR files; alone: --only timm).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: import this repo's packages
 
 from benchmarks.launch import CaseFailed, loops_case, runner_case  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.workloads import WORKLOADS, Workload  # noqa: E402
+from benchmarks.workloads import DEFAULT, WORKLOADS, Workload  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.errors import UserError  # noqa: E402
 
@@ -245,7 +246,8 @@ def options_from(options: dict) -> dict:
         print("lightning is not installed (pip install -e \".[bench]\"): its cases are left out", flush=True)
         frameworks.remove("lightning")
     return {"seconds": seconds, "rounds": rounds, "frameworks": frameworks,
-            "workloads": [WORKLOADS[only]] if only else list(WORKLOADS.values())}
+            "workloads": [WORKLOADS[only]] if only else [w for name, w in WORKLOADS.items()
+                                                         if name in DEFAULT or options.get("--full")]}
 
 
 def print_report(report: dict, workloads: list[Workload]) -> None:
@@ -282,8 +284,8 @@ def run(options: dict, overrides: list) -> int:
         if options.get("--full"):
             from benchmarks.deep import deep_dive
 
-            report["deep"] = deep_dive(settings["workloads"], folders, settings["seconds"], settings["rounds"],
-                                       workdir)
+            deep = [w for w in settings["workloads"] if w.name in DEFAULT]  # the deep dive studies these two
+            report["deep"] = deep_dive(deep, folders, settings["seconds"], settings["rounds"], workdir)
     report["wall_seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = os.getloadavg()[0]
     print_report(report, settings["workloads"])

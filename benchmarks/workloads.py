@@ -1,5 +1,6 @@
-"""The two workloads every case trains: SimpleCNN on CIFAR-format files and Linear 784->10 on MNIST-format
-files, written in the real on-disk formats so the runner's own readers run."""
+"""The workloads the cases train: SimpleCNN on CIFAR-format files and Linear 784->10 on MNIST-format files,
+written in the real on-disk formats so the runner's own readers run; and (with --full or --only timm) timm's
+ResNet-18 on the CIFAR files, a model of the field beside the built-in CNN."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,8 +55,11 @@ class Workload:
 
         from models.cnn import SimpleCNN
         from models.linear import LinearClassifier
+        from runner.model import create_model
 
         torch.manual_seed(0)
+        if self.model.startswith("timm:"):  # built as the runner builds it
+            return create_model(self.model, {}, self.shape, 10)
         return LinearClassifier(self.shape) if self.model == "linear" else SimpleCNN(self.shape)
 
     def make_optimizer(self, params):
@@ -79,4 +83,8 @@ WORKLOADS = {
     "linear": Workload("linear", "Linear 784->10, batch 32 (MNIST files)", "mnist", "linear", "{in_features: 784}",
                        (1, 28, 28), batch=32, lr=0.01, momentum=0.0, train_size=20000, warmup_steps=50,
                        guess_img_per_s=30000),
+    "timm": Workload("timm", "timm:resnet18 at 32x32, batch 64 (CIFAR files)", "cifar10", "timm:resnet18", "{}",
+                     (3, 32, 32), batch=64, lr=0.01, momentum=0.9, train_size=5000, warmup_steps=3,
+                     guess_img_per_s=150),
 }
+DEFAULT = ("cnn", "linear")  # `make bench`; --full adds the rest

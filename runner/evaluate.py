@@ -41,20 +41,24 @@ def evaluate(options: dict, overrides: list) -> int:
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, launched_world_size())
     torch.set_num_threads(cpu_threads(cfg.dist.threads))
     results, class_names, split_name = evaluate_checkpoint(cfg, acc, checkpoint, options.get("--split", "test"),
-                                                           weights)
+                                                           run_dir, weights)
     if is_main_rank():
         report(checkpoint, run_dir, split_name, acc.num_processes, results, class_names, weights)
     acc.end_training()
     return 0
 
 
-def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str, weights: str = "raw"):
+def evaluate_checkpoint(cfg: Config, acc, checkpoint: Path, split_name: str, run_dir: Path, weights: str = "raw"):
+    """The checkpoint's metrics on a split, its images preprocessed as the run's data.json records (size,
+    mean, std), so that they are those training saw."""
     from runner.data.batches import make_batches
-    from runner.data.splits import load_splits
+    from runner.data.splits import load_splits, read_data_card
     from runner.metrics import EvalBatch, Evaluator, evaluate_split, per_class
     from runner.model import build_model, load_weights
 
-    splits = load_splits(cfg.data, cfg.train.seed)
+    card = read_data_card(run_dir)
+    splits = load_splits(cfg.data, cfg.train.seed,
+                         {"image_size": card["in_shape"][1:], "mean": card["mean"], "std": card["std"]})
     split = {"test": splits.test, splits.eval_split: splits.eval}.get(split_name)
     if split is None:
         raise UserError(f"--split {split_name}: this run has the splits test and {splits.eval_split}")

@@ -27,9 +27,6 @@ import os  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.errors import UserError  # noqa: E402
 
-CARD = "data.json"
-
-
 def image_files(args: list[str]) -> list[Path]:
     """The files named, and the image files under the folders named, in order; a missing path is an error."""
     from runner.data.folder import image_suffixes
@@ -50,21 +47,6 @@ def image_files(args: list[str]) -> list[Path]:
         else:
             raise UserError(f"{path} does not exist")
     return files
-
-
-def read_card(run_dir: Path) -> dict:
-    path = run_dir / CARD
-    try:
-        card = json.loads(path.read_text())
-        shape = [int(n) for n in card["in_shape"]]
-        if len(shape) != 3 or len(card["mean"]) != shape[0] or len(card["std"]) != shape[0] or not card["class_names"]:
-            raise ValueError("in_shape, mean, std and class_names disagree")
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist: it records the preprocessing the run trained with, written "
-                        f"when training starts") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is unreadable or malformed ({e})") from None
-    return card
 
 
 def load_model(checkpoint: Path, run_dir: Path, card: dict, weights: str):
@@ -105,6 +87,7 @@ def positive(options: dict, flag: str, default: int) -> int:
 
 def run(options: dict, overrides: list) -> int:
     from runner.checkpoint import find, run_dir_of
+    from runner.data.splits import read_data_card
     from runner.ema import choose_weights
 
     if overrides:
@@ -115,7 +98,7 @@ def run(options: dict, overrides: list) -> int:
     files = image_files(options["args"])
     checkpoint = find(options["--checkpoint"])
     run_dir = run_dir_of(checkpoint)
-    card = read_card(run_dir)
+    card = read_data_card(run_dir)
     model = load_model(checkpoint, run_dir, card, choose_weights(checkpoint, options.get("--weights")))
     top = min(top, len(card["class_names"]))
     try:

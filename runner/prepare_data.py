@@ -19,10 +19,11 @@ from runner.cli import Command  # noqa: E402
 
 def run(options: dict, overrides: list) -> int:
     from runner.data.splits import load_splits
+    from runner.model import pretrained_preprocessing
     from runner.plan import Config
 
     cfg = configlib.load(Config, options.get("--config", "digits"), overrides)
-    splits = load_splits(cfg.data, cfg.train.seed)
+    splits = load_splits(cfg.data, cfg.train.seed, pretrained_preprocessing(cfg.model))  # the size training uses
     names = splits.class_names
     shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
     eval_part = "" if splits.eval_split == "test" else f", {splits.eval_split} {len(splits.eval)}"

@@ -30,7 +30,10 @@ from runner.state import PREEMPTED, RunState  # noqa: E402
 def train(cfg: Config, config_label: str, started: float) -> int:
     from runner.distributed import launched_world_size
 
+    from runner.weights import record_weights_identity
+
     plan = Plan.resolve(cfg, launched_world_size())
+    record_weights_identity(cfg.model)  # before the fingerprint: a changed weights file is another experiment
     run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg), writes=not cfg.train.fast_dev_run)
     finished = run_dir.finished_summary(cfg)
     if finished is not None:  # running a finished run again changes nothing
@@ -87,9 +90,10 @@ def load_data(cfg: Config, plan: Plan, acc):
     from runner.data.order import TrainOrder
     from runner.data.splits import load_splits
     from runner.distributed import check_world_fits
+    from runner.model import pretrained_preprocessing
 
     with acc.main_process_first():  # a download or a cache build, if any, happens once
-        splits = load_splits(cfg.data, cfg.train.seed)
+        splits = load_splits(cfg.data, cfg.train.seed, pretrained_preprocessing(cfg.model))
     augment = bool(cfg.data.crop_padding or cfg.data.flip)
     if plan.overfit_samples:
         splits, augment = splits.overfit(plan.overfit_samples), False
@@ -112,7 +116,8 @@ def build_training(ctx: RunContext, splits):
     from runner.schedule import build_scheduler
 
     cfg, plan = ctx.cfg, ctx.plan
-    model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name)
+    model = build_model(cfg.model, splits.in_shape, splits.num_classes, cfg.data.name, initial_weights=True,
+                        log=ctx.log.info)
     flops = flops_per_sample(model, splits.in_shape)
     torch.set_num_threads(cpu_threads(cfg.dist.threads, flops * plan.micro_batch))
     if cfg.model.sync_batchnorm and plan.world > 1:

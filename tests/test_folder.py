@@ -206,8 +206,8 @@ def test_data_root_for_a_dataset_that_reads_no_files(name, tmp_path):
 
 
 def test_folder_settings_are_refused_for_other_datasets():
-    with pytest.raises(ConfigError, match=r"data.image_size=\[8, 8\] applies to data.name=folder only"):
-        DataConfig(name="mnist", image_size=[8, 8]).validate()
+    with pytest.raises(ConfigError, match=r"data.channels=3 applies to data.name=folder only"):
+        DataConfig(name="mnist", channels=3).validate()
     with pytest.raises(ConfigError, match=r"data.image_size=\[1, 2, 3\]: expected \[height, width\]"):
         DataConfig(name="folder", image_size=[1, 2, 3]).validate()
 

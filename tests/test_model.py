@@ -12,7 +12,7 @@ import torch
 import yaml
 
 import models
-from runner.model import ModelConfig, create_model, flops_per_sample, model_class
+from runner.model import ModelConfig, create_model, flops_per_sample, model_builder
 
 from tests.util import (BIN, DIGITS, PYTHON, QUIET, REPO, clean_env, error_line, ok, one_error_line, read_jsonl,
                         run_train, summary)
@@ -123,7 +123,7 @@ def test_the_config_check_knows_every_built_in_model():
 
     for name in models.REGISTRY:
         ModelConfig(name=name).validate()
-        assert issubclass(model_class(name), nn.Module), name
+        assert issubclass(model_builder(name), nn.Module), name
 
 
 @pytest.mark.parametrize("args, fragments", [

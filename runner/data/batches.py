@@ -33,17 +33,22 @@ def crop_flip(x: torch.Tensor, bits: torch.Tensor, pad: int, flip: bool) -> torc
 
 
 class Normalise:
-    """uint8 images to normalised float32 on the device, in two kernels."""
+    """uint8 images to normalised float32 on the device, in two kernels; resized first (bilinear, antialiased
+    as Pillow's) where the run's image size differs from the stored one."""
 
-    def __init__(self, mean, std, device, channels_last: bool = False):
+    def __init__(self, mean, std, device, channels_last: bool = False, size: tuple[int, int] | None = None):
         c = len(mean)
+        self.size = tuple(size) if size else None
         self.scale = 1 / (torch.tensor(std, device=device).view(1, c, 1, 1) * 255)
         self.bias = -torch.tensor(mean, device=device).view(1, c, 1, 1) / torch.tensor(std, device=device).view(
             1, c, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, x.float(), self.scale).contiguous(memory_format=self.memory_format)
+        x = x.float()
+        if self.size and tuple(x.shape[-2:]) != self.size:
+            x = torch.nn.functional.interpolate(x, self.size, mode="bilinear", antialias=True, align_corners=False)
+        return torch.addcmul(self.bias, x, self.scale).contiguous(memory_format=self.memory_format)
 
 
 CHUNK_SAMPLES = 4096  # samples prepared at once on the device path
@@ -169,7 +174,7 @@ class LoaderBatches:
 def make_batches(cfg: DataConfig, splits: Splits, order: TrainOrder | None, device, seed: int, augment: bool,
                  channels_last: bool):
     """The batch source of a run; `order` None for evaluation alone (train_epoch is then not available)."""
-    normalise = Normalise(splits.mean, splits.std, device, channels_last)
+    normalise = Normalise(splits.mean, splits.std, device, channels_last, splits.image_size)
     if cfg.loader == "device":
         return DeviceBatches(splits.train, normalise, device, seed, cfg.crop_padding if augment else 0,
                              cfg.flip and augment, order)
