@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from runner.data.datasets import ImageSet
-    from runner.data.folder import FolderSettings
+    from runner.data.folder import FolderScan, FolderSettings
 
 NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "folder"]
 IN_MEMORY = ("digits", "synthetic")  # built without reading data.root
@@ -95,7 +95,8 @@ class Splits:
         return replace(self, train=few, eval=few, eval_split="overfit", train_dataset=datasets.ImageSetDataset(few))
 
 
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
+def load_splits(cfg: DataConfig, seed: int, scan: FolderScan | None = None) -> Splits:
+    """`scan`: the folder's listing taken for the run's data identity (data.name=folder), or None to list it."""
     import torch
 
     from runner.data import datasets
@@ -114,7 +115,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
     elif cfg.name == "folder":
         from runner.data import folder
 
-        found = folder.load(folder_settings(cfg), keep_pixels=cfg.loader == "device")
+        found = folder.load(folder_settings(cfg), keep_pixels=cfg.loader == "device", found=scan)
         train, val, test = found.splits["train"], found.splits.get("val"), found.splits["test"]
         class_names, description = found.decisions.class_names, found.description
         stats, train_ds = (tuple(found.decisions.mean), tuple(found.decisions.std)), None
