@@ -42,7 +42,6 @@ def data_identity(cfg: DataConfig) -> DataIdentity:
         return DataIdentity(folder.identity(settings, found), found)
     if cfg.name in ("mnist", "fashion_mnist", "cifar10"):
         from runner.data.datasets import dataset_files
-
         from runner.yaml_files import not_a_regular_file
 
         root = Path(cfg.root)
