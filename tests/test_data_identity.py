@@ -105,6 +105,27 @@ def test_data_root_pointed_at_another_folder_is_refused_and_never_resumed_onto(t
     assert not (tmp_path / "runs" / "other" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+def test_two_processes_agree_on_a_folder_and_its_change(tmp_path):
+    """torchrun with 2 processes: each lists the folder for the identity; the same folder again is the
+    finished run, a folder with a class added is `folder-2` with one line (from the main rank only)."""
+    from tests.util import run_train, torchrun
+
+    root = pets(tmp_path)
+    runs = tmp_path / "runs"
+
+    def launch():
+        return run_train(folder_args(root, "data.val_fraction=0.25"), tmp_path, launcher=torchrun(2), timeout=600)
+
+    ok(launch())
+    assert "already finished" in ok(launch()).stdout
+    sample_files.add_folder_images(root, "bird", n_train=6, n_test=2)
+    again = ok(launch())
+    assert (runs / "folder-2" / "summary.json").is_file(), again.stdout[-3000:]
+    notes = [line for line in again.stdout.splitlines() if "8 images added, class bird added" in line]
+    assert len(notes) == 1, again.stdout[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- built-in datasets
 
 def test_a_changed_mnist_file_is_a_new_run_directory_unless_named(tmp_path, train_main, mnist_root, copy_data):
