@@ -253,11 +253,12 @@ def cache_key(settings: FolderSettings, scan_: FolderScan) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def identity(settings: FolderSettings, scan_: FolderScan) -> dict:
-    """The folder's part of the run's fingerprint (runner/data/identity.py): the cache key, and the class
-    names with their image counts (all splits), from which a change is described."""
+def identity(scan_: FolderScan) -> dict:
+    """The folder's part of the run's fingerprint (runner/data/identity.py): the digest of its file list (the
+    cache key's; the settings are config keys), and the class names with their image counts (all splits),
+    from which a change is described."""
     counts = Counter(label for entries in scan_.files.values() for _, label in entries)
-    return {"digest": cache_key(settings, scan_),
+    return {"digest": scan_.digest,
             "classes": {name: counts[label] for label, name in enumerate(scan_.class_names)}}
 
 

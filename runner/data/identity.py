@@ -1,8 +1,8 @@
 """The identity of a run's data: part of its fingerprint, so that other data is another experiment.
 
-- folder: the same digest that keys its cache (every image's path, size and mtime, the class folders and
-  the decode settings) and the class names with their image counts, from one scan of the folder (no image
-  is opened). The scan is kept and handed to the loader, so that what is fingerprinted is what is loaded.
+- folder: the digest of the file list that keys its cache (every image's path, size and mtime, and the
+  class folders; the decode settings are config keys of the fingerprint already) and the class names with
+  their image counts, from one scan of the folder (no image is opened). The scan is kept and handed to the loader, so that what is fingerprinted is what is loaded.
 - mnist, fashion_mnist, cifar10: each file's size and a sha256 of its first and last MiB plus its size;
   cheap to compute on every start, and it sees any rewrite of a header, the first or the last images.
 - digits, synthetic: None; their config keys already define them.
@@ -16,6 +16,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from runner.errors import clip
 
 if TYPE_CHECKING:
     from runner.data.folder import FolderScan
@@ -35,11 +37,9 @@ class DataIdentity:
 def data_identity(cfg: DataConfig) -> DataIdentity:
     if cfg.name == "folder":
         from runner.data import folder
-        from runner.data.splits import folder_settings
 
-        settings = folder_settings(cfg)
         found = folder.scan(Path(cfg.root))
-        return DataIdentity(folder.identity(settings, found), found)
+        return DataIdentity(folder.identity(found), found)
     if cfg.name in ("mnist", "fashion_mnist", "cifar10"):
         from runner.data.datasets import dataset_files
         from runner.yaml_files import not_a_regular_file
@@ -70,7 +70,8 @@ def file_digest(path: Path) -> str:
 def describe_change(saved, now) -> str:
     """What differs between two identities, in words: "8 images added, class bird added"."""
     if not (isinstance(saved, dict) and isinstance(now, dict)):
-        return "no data identity was recorded" if saved is None else "its files are not there yet"
+        return ("none recorded (a run from before the data was part of the fingerprint)" if saved is None
+                else "the files are not there yet")
     if "classes" in saved and "classes" in now:
         return folder_change(saved["classes"], now["classes"])
     if "files" in saved and "files" in now:
@@ -88,6 +89,6 @@ def folder_change(old: dict, new: dict) -> str:
     removed = sum(max(0, n - new.get(name, 0)) for name, n in old.items())
     parts = [f"{added} image{'s' * (added != 1)} added"] if added else []
     parts += [f"{removed} image{'s' * (removed != 1)} removed"] if removed else []
-    parts += [f"class {name} added" for name in sorted(set(new) - set(old))]
-    parts += [f"class {name} removed" for name in sorted(set(old) - set(new))]
+    parts += [f"class {clip(name)} added" for name in sorted(set(new) - set(old))]  # any folder name, printable
+    parts += [f"class {clip(name)} removed" for name in sorted(set(old) - set(new))]
     return ", ".join(parts) or "images replaced or touched (the same classes and counts; other names, sizes or mtimes)"
