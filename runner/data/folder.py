@@ -5,8 +5,8 @@ Every run scans the folder (names, sizes and mtimes only). Together with the dec
 cache in data.cache_dir: the images decoded once into uint8 arrays (safetensors) and a JSON file with what
 was decided from the data (classes, image size, channels, normalisation, skipped files). A later run with
 the same files and settings reads the cache instead of decoding; any added, removed or touched file builds
-a new one, which replaces the old. The cache is never unpickled, and each file is written to a temporary
-name and renamed.
+a new one, which replaces the old. The cache is never unpickled, each file is written to a temporary
+name and renamed, and everything read from it is checked against the scan before it is used (read_cache).
 
 For folders larger than memory (data.loader=torchvision) only the JSON is cached and DataLoader workers
 decode files on access (FolderImages). Both paths decode with decode_image, so they see the same bytes.
