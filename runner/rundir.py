@@ -22,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from runner.config import fingerprint_keys, flatten
+from runner.data.identity import KEY as DATA_IDENTITY
+from runner.data.identity import describe_change
 from runner.distributed import is_main_rank
 from runner.errors import ConfigError, UserError
 from runner.preemption import slurm_job_id
@@ -49,28 +51,42 @@ class RunConfig:
             raise ConfigError(f"run.name={self.name!r}: use letters, digits, '.', '_' and '-' only")
 
 
-def fingerprint(cfg) -> dict:
-    """The values of the keys declared `fingerprint=True`: what makes two runs the same experiment."""
+def fingerprint(cfg, data_identity=None) -> dict:
+    """The values of the keys declared `fingerprint=True` and the data's identity (runner/data/identity.py):
+    what makes two runs the same experiment."""
     keys = set(fingerprint_keys(type(cfg)))
-    return {k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if k in keys}
+    return {**{k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if k in keys}, DATA_IDENTITY: data_identity}
 
 
 def stored_fingerprint(run_dir: Path, keys) -> dict | None:
-    """The fingerprint of the config a run directory was written with (None: no config there)."""
+    """The fingerprint a run directory was written with (None: no config there): from its config.yaml, and
+    the data identity from its data.json."""
     try:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return None
     flat = flatten(raw) if isinstance(raw, dict) else {}
+    try:
+        card = json.loads((run_dir / "data.json").read_text())
+        flat[DATA_IDENTITY] = card.get("identity") if isinstance(card, dict) else None
+    except (OSError, ValueError):
+        pass
     return {k: flat.get(k) for k in keys}
 
 
-def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
+def differences(saved: dict, current: dict) -> list[str]:
+    """What changed from `saved` to `current`, one phrase per key ("data: 8 images added, class bird added")."""
     differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    return [f"data: {describe_change(saved.get(k), current.get(k))}" if k == DATA_IDENTITY
+            else f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing]
+
+
+def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
+    differing = differences(saved, current)
     if differing:
-        detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing[:8])
-        raise FingerprintError(f"{where} was written with a different config ({detail}); use another run.name "
-                               f"(or none, to get a fresh one), or resume=none run.overwrite=true to start over")
+        raise FingerprintError(f"{where} was written with a different config ({'; '.join(differing[:8])}); use "
+                               f"another run.name (or none, to get a fresh one), or resume=none run.overwrite=true "
+                               f"to start over")
 
 
 def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[Path, str | None]:
@@ -83,11 +99,13 @@ def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[P
         return root / cfg.name, None
     job = slurm_job_id()
     base = f"{config_label}-{job}" if job else config_label  # stable across requeues and restarts
+    first = stored_fingerprint(root / base, current)
     for n in range(1, 10_000):
         run_dir = root / (base if n == 1 else f"{base}-{n}")
-        saved = stored_fingerprint(run_dir, current)
+        saved = first if n == 1 else stored_fingerprint(run_dir, current)
         if saved is None or saved == current:
-            note = None if n == 1 else (f"{root / base} holds a run with other training keys; this run is "
+            note = None if n == 1 else (f"{root / base} holds a run with other training keys "
+                                        f"({'; '.join(differences(first, current)[:8])}); this run is "
                                         f"{run_dir.name} (set run.name to choose)")
             return run_dir, note
     raise UserError(f"{root} holds 10,000 runs named {base}-N; set run.name")

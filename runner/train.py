@@ -28,26 +28,31 @@ from runner.state import PREEMPTED, RunState  # noqa: E402
 
 
 def train(cfg: Config, config_label: str, started: float) -> int:
+    from runner.data.identity import data_identity
     from runner.distributed import launched_world_size
 
     from runner.weights import record_weights_identity
 
     plan = Plan.resolve(cfg, launched_world_size())
     record_weights_identity(cfg.model)  # before the fingerprint: a changed weights file is another experiment
-    run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg), writes=not cfg.train.fast_dev_run)
+    identity = data_identity(cfg.data)  # on every rank: a listing of the files, no image decoded
+    run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg, identity.value),
+                             writes=not cfg.train.fast_dev_run)
     finished = run_dir.finished_summary(cfg)
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     try:
-        return run(cfg, plan, run_dir, started)
+        return run(cfg, plan, run_dir, identity, started)
     finally:
         run_dir.release()
 
 
-def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
+def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> int:
     import torch
 
     from runner.checkpoint import Checkpointer
+    from runner.data.identity import KEY as DATA_IDENTITY
+    from runner.data.identity import data_identity
     from runner.distributed import enable_debugging, make_accelerator
     from runner.loop import Trainer
     from runner.memory import resume_micro_batch
@@ -61,7 +66,9 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
                            accelerate_trackers(cfg.log.trackers) if run_dir.enabled else [])
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
-    splits, batches, plan = load_data(cfg, plan, acc)
+    splits, batches, plan = load_data(cfg, plan, acc, identity.scan)
+    if identity.pending:  # the files were downloaded just now: they have an identity now
+        run_dir.experiment[DATA_IDENTITY] = data_identity(cfg.data).value
     ctx = RunContext(cfg, plan, acc, run_dir, RunLog(acc, run_dir.metrics_file, cfg.log, plan.total_steps))
     model, optimizer, scheduler, flops, freezing, ema = build_training(ctx, splits)
     checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info, ema)
@@ -83,9 +90,9 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, started: float) -> int:
     return 0
 
 
-def load_data(cfg: Config, plan: Plan, acc):
+def load_data(cfg: Config, plan: Plan, acc, scan):
     """The splits (overfit mode trains and evaluates on a few batches, unaugmented), the batch source, and
-    the plan completed with the training set's size."""
+    the plan completed with the training set's size. `scan`: a folder's listing, taken for its identity."""
     from runner.data.batches import make_batches
     from runner.data.order import TrainOrder
     from runner.data.splits import load_splits
@@ -93,7 +100,7 @@ def load_data(cfg: Config, plan: Plan, acc):
     from runner.model import pretrained_preprocessing
 
     with acc.main_process_first():  # a download or a cache build, if any, happens once
-        splits = load_splits(cfg.data, cfg.train.seed, pretrained_preprocessing(cfg.model))
+        splits = load_splits(cfg.data, cfg.train.seed, pretrained_preprocessing(cfg.model), scan)
     augment = bool(cfg.data.crop_padding or cfg.data.flip)
     if plan.overfit_samples:
         splits, augment = splits.overfit(plan.overfit_samples), False
@@ -151,6 +158,7 @@ def fine_tuning(cfg: Config, model, num_classes: int):
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
     """Claim the run directory (lock and resume policy), load the checkpoint to continue from, if any, and
     record config.yaml and data.json. Returns the run state to continue from."""
+    from runner.data.identity import KEY as DATA_IDENTITY
     from runner.data.splits import data_card
 
     cfg, acc, run_dir = ctx.cfg, ctx.acc, ctx.run_dir
@@ -162,7 +170,8 @@ def resume(ctx: RunContext, checkpoints, splits) -> RunState:
     if resumed is not None:
         checkpoints.branch_from(resumed[0])
     run_dir.write("config.yaml", configlib.dump(cfg))
-    run_dir.write("data.json", json.dumps(data_card(splits), indent=1))
+    run_dir.write("data.json", json.dumps({**data_card(splits), "identity": run_dir.experiment[DATA_IDENTITY]},
+                                          indent=1))
     if resumed is None:
         return RunState(fingerprint=run_dir.experiment)
     path, state = resumed
@@ -193,6 +202,11 @@ def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
     advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), ctx.acc.device)
     if advice:
         log.info(advice)
+    if splits.eval_split == "test":
+        no_val = " and the folder has no val/" if cfg.data.name == "folder" else ""
+        log.info(f"selected on test: data.val_fraction=0{no_val}, so the best checkpoint and early stopping "
+                 f"use the test split and its final score is optimistic; set data.val_fraction (e.g. 0.1) to "
+                 f"select on a held-out val split")
 
 
 def preempted_exit(ctx: RunContext, checkpoints, state: RunState) -> int:
@@ -220,6 +234,11 @@ def final_evaluation(trainer, splits) -> dict:
     return final
 
 
+# The split that picks the best checkpoint and early-stops, by the split evaluated during training (overfit
+# mode evaluates on the training samples it fits).
+SELECTED_ON = {"val": "val", "test": "test", "overfit": "train"}
+
+
 def write_summary(ctx: RunContext, trainer, final: dict, outcome: str) -> None:
     from runner.tracking import summary_table
 
@@ -231,6 +250,7 @@ def write_summary(ctx: RunContext, trainer, final: dict, outcome: str) -> None:
         "world_size": plan.world, "global_batch_size": plan.global_batch, "final": final,
         # The micro batch the run ended with: train.micro_batch_size=auto may have shrunk it.
         "micro_batch_size": trainer.ctx.plan.micro_batch, "gradient_accumulation_steps": trainer.ctx.plan.accumulation,
+        "selected_on": SELECTED_ON[trainer.validation.split_name],
         "length": {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps},
         "best": {"split": trainer.validation.split_name, "metric": cfg.eval.monitor, "value": state.best_metric,
                  "step": state.best_step, "checkpoint": state.best_checkpoint if trainer.checkpoints.enabled else None},

@@ -82,3 +82,80 @@ def write_folder(root: Path, n_train: int = 24, n_test: int = 8, seed: int = 0) 
                     image.save(folder / f"{i:03d}.{'png' if i % 2 == 0 else 'jpg'}")
     (root / "train" / "cat" / "notes.txt").write_text("not an image")
     return root
+
+
+# Image folders in every Pillow mode a folder can hold, with the 8-bit pixels an exact decode gives.
+
+MODE_SUFFIX = {"1": "png", "L": "png", "LA": "png", "P": "png", "PA": "tif", "RGB": "png", "RGBA": "png",
+               "CMYK": "tif", "I;16": "png", "I": "tif", "F": "tif"}
+GREY_MODES = ("1", "L", "LA", "I;16", "I", "F")
+
+
+def mode_image(mode: str, label: int, index: int, size: int = 8):
+    """(a Pillow image in `mode`, the uint8 [C, H, W] an exact conversion to 8 bits gives). Class 0 is dark
+    and class 1 bright, with a ramp across rows and columns, so both the level and the pattern are checked."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size]
+    g = ((140 if label else 10) + 10 * xx + 2 * yy + index).astype(np.uint8)  # the grey level, 10..226
+    band = lambda a: Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))  # noqa: E731
+    if mode == "1":
+        bits = ((xx + yy + index) % 4 == 0) != bool(label)  # class 0: 1/4 white, class 1: 3/4 white
+        return Image.fromarray(bits), (bits * 255).astype(np.uint8)[None]
+    if mode == "L":
+        return band(g), g[None]
+    if mode == "LA":
+        return Image.merge("LA", [band(g), band(np.full_like(g, 255))]), g[None]
+    if mode == "I;16":  # 16-bit: g * 257 is g in 8 bits; + 100 checks the rounding stays within one level
+        return Image.fromarray((g.astype(np.uint16) * 257 + 100).astype(np.uint16)), g[None]
+    if mode == "I":
+        return Image.fromarray((g.astype(np.int32) * 257 + 100).astype(np.int32)), g[None]
+    if mode == "F":  # floats in [0, 1]
+        return Image.fromarray((g / 255).astype(np.float32)), g[None]
+    rgb = np.stack([g, 255 - g, (40 + 20 * yy).astype(np.uint8)])
+    if mode == "RGB":
+        return Image.merge("RGB", [band(c) for c in rgb]), rgb
+    if mode == "RGBA":
+        return Image.merge("RGBA", [band(c) for c in rgb] + [band(np.full_like(g, 255))]), rgb
+    if mode == "CMYK":
+        return Image.merge("CMYK", [band(255 - c) for c in rgb] + [band(np.zeros_like(g))]), rgb
+    if mode in ("P", "PA"):  # palette entry k is (k, 255 - k, 7k mod 256); the image holds g as indexes
+        image = Image.frombytes("P", (size, size), g.tobytes())
+        image.putpalette([v for k in range(256) for v in (k, 255 - k, (7 * k) % 256)])
+        expected = np.stack([g, 255 - g, ((7 * g.astype(np.int64)) % 256).astype(np.uint8)])
+        return (image.convert("PA") if mode == "PA" else image), expected
+    raise ValueError(mode)
+
+
+def write_mode_folder(root: Path, mode: str, n_train: int = 3, n_test: int = 1) -> dict[str, np.ndarray]:
+    """root/{train,test}/{c0,c1}/N.<suffix> in Pillow mode `mode`. Returns {split: uint8 [N, C, H, W]} in the
+    order the runner lists them (classes sorted, then file names sorted)."""
+    expected = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        arrays = []
+        for label in (0, 1):
+            folder = Path(root) / split / f"c{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image, pixels = mode_image(mode, label, i)
+                assert image.mode == mode, (image.mode, mode)
+                image.save(folder / f"{i}.{MODE_SUFFIX[mode]}")
+                arrays.append(pixels)
+        expected[split] = np.stack(arrays)
+    return expected
+
+
+def add_folder_images(root: Path, name: str, n_train: int, n_test: int = 0, seed: int = 7,
+                      first: int = 100) -> int:
+    """Add PNG images numbered from `first` to class `name` (created if new) in train/ and test/; returns
+    how many were added in all."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    label = sum(name.encode()) % 3
+    for split, n in (("train", n_train), ("test", n_test)):
+        folder = Path(root) / split / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(class_image(rng, label, SIZES[0])).save(folder / f"{first + i:03d}.png")
+    return n_train + n_test

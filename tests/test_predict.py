@@ -19,6 +19,7 @@ def test_predict_classifies_the_training_images(train_main, command, images, tmp
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = tmp_path / "runs" / "model"
     card = json.loads((run_dir / "data.json").read_text())  # what prediction preprocesses with
+    assert card.pop("identity")["classes"] == {"cat": 32, "dog": 32, "fish": 32}  # the data's, for the fingerprint
     assert card == data_card(load_splits(DataConfig(name="folder", root=str(images)), seed=0))
     plain = command(predict_main, ["--checkpoint", run_dir, images / "train", images / "test" / "dog" / "000.png"])
     assert plain.returncode == 0, plain.stderr

@@ -86,6 +86,14 @@ def read_data_file(path: Path, what: str, *, head: int | None = None, size: int 
 
 IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}  # torchvision's class names
+
+
+def dataset_files(name: str, root: Path) -> list[Path]:
+    """The files a built-in dataset (mnist, fashion_mnist, cifar10) is read from."""
+    if name == "cifar10":
+        return [root / CIFAR_FOLDER / n for n in CIFAR_BATCHES[True] + CIFAR_BATCHES[False] + [CIFAR_META]]
+    return [root / MNIST_FOLDERS[name] / "raw" / f for f in IDX_FILES[True] + IDX_FILES[False]]
 
 
 def read_idx(path: Path, ndim: int) -> torch.Tensor:
@@ -114,9 +122,9 @@ def load_mnist_family(name: str, root: Path, download: bool, train: bool) -> tup
     them to the files checked here."""
     from torchvision import datasets
 
-    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
-    raw = root / cls.__name__ / "raw"
-    files = [raw / f for f in IDX_FILES[True] + IDX_FILES[False]]
+    cls = getattr(datasets, MNIST_FOLDERS[name])
+    raw = root / MNIST_FOLDERS[name] / "raw"
+    files = dataset_files(name, root)
     if download and not all(f.exists() for f in files):
         try:
             cls(str(root), train=train, download=True)
@@ -241,8 +249,7 @@ def load_cifar10(root: Path, download: bool, train: bool) -> tuple[ImageSet, Dat
     """The python version of CIFAR-10, read here through SafeUnpickler: torchvision's reader would unpickle
     the batches and batches.meta with plain pickle.load, which runs whatever code a crafted file holds."""
     base = root / CIFAR_FOLDER
-    names = CIFAR_BATCHES[True] + CIFAR_BATCHES[False] + [CIFAR_META]
-    if download and not all((base / n).exists() for n in names):
+    if download and not all(f.exists() for f in dataset_files("cifar10", root)):
         from torchvision.datasets import CIFAR10
         from torchvision.datasets.utils import download_and_extract_archive
 
@@ -251,7 +258,7 @@ def load_cifar10(root: Path, download: bool, train: bool) -> tuple[ImageSet, Dat
         except Exception as e:
             raise DataError(f"data.download=true but downloading cifar10 failed ({e}); put the python "
                             f"batches under {base}/") from None
-    missing = [n for n in names if not (base / n).exists()]
+    missing = [f.name for f in dataset_files("cifar10", root) if not f.exists()]
     if missing:
         raise DataError(f"cifar10 files missing: put {', '.join(missing)} (the python version, "
                         f"cifar-10-python.tar.gz, unpacked) under {base}/, or set data.download=true")

@@ -5,8 +5,8 @@ Every run scans the folder (names, sizes and mtimes only). Together with the dec
 cache in data.cache_dir: the images decoded once into uint8 arrays (safetensors) and a JSON file with what
 was decided from the data (classes, image size, channels, normalisation, skipped files). A later run with
 the same files and settings reads the cache instead of decoding; any added, removed or touched file builds
-a new one, which replaces the old. The cache is never unpickled, and each file is written to a temporary
-name and renamed.
+a new one, which replaces the old. The cache is never unpickled, each file is written to a temporary
+name and renamed, and everything read from it is checked against the scan before it is used (read_cache).
 
 For folders larger than memory (data.loader=torchvision) only the JSON is cached and DataLoader workers
 decode files on access (FolderImages). Both paths decode with decode_image, so they see the same bytes.
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import socket
+import stat
 import sys
 import time
 from collections import Counter
@@ -29,8 +31,9 @@ from PIL import Image, ImageOps
 
 from runner.data.datasets import DataError, ImageSet
 from runner.errors import first_line
+from runner.yaml_files import not_a_regular_file
 
-CACHE_FORMAT = 1   # bump when decoding changes, so that older caches are not reused
+CACHE_FORMAT = 2   # bump when decoding changes, so that older caches are not reused (2: 16-bit and float)
 SPLITS = ("train", "val", "test")
 COLOUR_MODES = {"RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "P", "PA"}
 BLOCK = 1024      # files decoded per batch of thread-pool work
@@ -77,9 +80,17 @@ def list_class(root: Path, folder: Path, suffixes: set[str], rows: list[str]) ->
                 continue
             path = os.path.join(dirpath, name)
             st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block or never end when decoded
+                raise DataError(f"{escaped(path)} is {not_a_regular_file(Path(path))}, not an image file; "
+                                f"remove it from the folder")
             images.append(os.path.relpath(path, root))
             rows.append(f"{images[-1]}\t{st.st_size}\t{st.st_mtime_ns}")
     return images, others
+
+
+def escaped(path) -> str:
+    """A path for a message: bytes of a name that is not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def subfolders(folder: Path) -> list[str]:
@@ -118,28 +129,51 @@ def scan(root: Path) -> FolderScan:
         if not entries:
             raise DataError(f"{split_dir} has no class folders, so no images: put them in {split_dir}/<class>/")
         files[split] = entries
-    digest = hashlib.sha256("\n".join(rows).encode()).hexdigest()
+    digest = hashlib.sha256("\n".join(rows).encode("utf-8", "surrogateescape")).hexdigest()  # any file name
     return FolderScan(root, class_names, files, skipped, digest)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
 
 def open_error(path, e: Exception) -> DataError:
-    return DataError(f"{path} is corrupt, truncated or not an image ({first_line(e)})")
+    return DataError(f"{escaped(path)} is corrupt, truncated or not an image ({first_line(e)})")
+
+
+def to_8_bits(im: Image.Image, path) -> Image.Image:
+    """A 16-bit or 32-bit greyscale image as 8-bit "L", scaled rather than clipped (Pillow's own conversion
+    clips, so that 16-bit images come out nearly white and float ones black). I;16: v / 257. I (32-bit
+    integers): as is if every value is in 0..255, else v / 257 if in 0..65535, else refused. F (floats):
+    v * 255 if every value is in [0, 1], as is if in [0, 255], else refused. Decided per image."""
+    values = np.asarray(im, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or (im.mode == "I" and 255 < high and low >= 0 and high <= 65535):
+        values = values / 257
+    elif im.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    elif not (low >= 0 and high <= 255):  # also NaN, which compares false
+        limit = "0..65535" if im.mode == "I" else "[0, 1] or [0, 255]"
+        raise DataError(f"{escaped(path)}: mode {im.mode} pixels run from {low:g} to {high:g}, outside {limit}, "
+                        f"so their scale to 8 bits is unknown; convert the images to 8 or 16 bits")
+    return Image.fromarray(np.round(values).astype(np.uint8), "L")
 
 
 def decode_image(path, channels: int, size: tuple[int, int]) -> np.ndarray:
-    """One image file as uint8 [C, H, W]: EXIF rotation applied, converted to grey (1) or RGB (3),
-    resized (bilinear) to size = (H, W). Training, streaming and prediction all go through here."""
+    """One image file as uint8 [C, H, W]: EXIF rotation applied, 16-bit and float images scaled to 8 bits
+    (to_8_bits), converted to grey (1) or RGB (3), resized (bilinear) to size = (H, W). Training,
+    streaming and prediction all go through here."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
             if im.mode in ("P", "PA"):  # palettes with transparency convert cleanly only through RGBA
                 im = im.convert("RGBA")
+            elif im.mode.startswith("I") or im.mode == "F":
+                im = to_8_bits(im, path)
             im = im.convert("RGB" if channels == 3 else "L")
             if im.size != (size[1], size[0]):
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             pixels = np.array(im)  # a writable copy, as torch.from_numpy wants
+    except DataError:
+        raise
     except Exception as e:  # Pillow reports bad files as OSError, SyntaxError, ValueError, ...
         raise open_error(path, e) from None
     return pixels[None] if channels == 1 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
@@ -217,6 +251,15 @@ def cache_key(settings: FolderSettings, scan_: FolderScan) -> str:
     (mtimes kept) with its cache is still cached."""
     keyed = {**source(settings), "root": None, "files": scan_.digest}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def identity(scan_: FolderScan) -> dict:
+    """The folder's part of the run's fingerprint (runner/data/identity.py): the digest of its file list (the
+    cache key's; the settings are config keys), and the class names with their image counts (all splits),
+    from which a change is described."""
+    counts = Counter(label for entries in scan_.files.values() for _, label in entries)
+    return {"digest": scan_.digest,
+            "classes": {name: counts[label] for label, name in enumerate(scan_.class_names)}}
 
 
 def cache_dir(settings: FolderSettings) -> Path:
@@ -299,16 +342,23 @@ def build(settings: FolderSettings, scan_: FolderScan, key: str, keep_pixels: bo
 
 
 def save(directory: Path, decisions: Decisions, arrays: dict) -> None:
+    """Write the cache; a full disk or a folder that cannot be written to is one line, and leaves no part of
+    a file behind (write_atomic)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     stem = directory / f"folder-{decisions.key[:16]}"
-    if arrays:
-        tensors = {f"{split}.{part}": np.ascontiguousarray(a) for split, pair in arrays.items()
-                   for part, a in zip(("images", "labels"), pair)}
-        write_atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp),
-                                                                              metadata={"key": decisions.key}))
-    text = json.dumps(vars(decisions), indent=1)
-    write_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    try:
+        if arrays:
+            tensors = {f"{split}.{part}": np.ascontiguousarray(a) for split, pair in arrays.items()
+                       for part, a in zip(("images", "labels"), pair)}
+            write_atomic(stem.with_suffix(".safetensors"),
+                         lambda tmp: save_file(tensors, str(tmp), metadata={"key": decisions.key}))
+        text = json.dumps(vars(decisions), indent=1)
+        write_atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    except (OSError, SafetensorError) as e:  # safetensors reports a failed write as its own error
+        raise DataError(f"cannot write the folder cache {stem}.* ({first_line(e)}); free space there or set "
+                        f"data.cache_dir to a folder with room") from None
     remove_stale(directory, decisions)
 
 
@@ -325,26 +375,83 @@ def remove_stale(directory: Path, current: Decisions) -> None:
         path.unlink(missing_ok=True)
 
 
-def read_decisions(path: Path, key: str) -> Decisions | None:
+class BadCache(Exception):
+    """A cache file that is there but does not hold what it claims (edited, or written by other code)."""
+
+
+def read_cache(stem: Path, settings: FolderSettings, scan_: FolderScan, key: str,
+               keep_pixels: bool) -> tuple[Decisions, dict | None] | None:
+    """The cache of this key as (decisions, {split: (images, labels)} with keep_pixels), everything in it
+    checked against the folder's scan; None to build it again, with one line when a cache was there but
+    wrong. A cache decides what a run trains on (class names, labels, normalisation): it is never trusted."""
+    if not stem.with_suffix(".json").exists() or (keep_pixels and not stem.with_suffix(".safetensors").exists()):
+        return None
     try:
-        found = Decisions(**json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError):
-        return None  # absent or damaged: build again
-    return found if found.key == key else None
+        try:
+            decisions = Decisions(**json.loads(stem.with_suffix(".json").read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise BadCache(f"its JSON is unreadable: {first_line(e)}") from None
+        labels = expected_labels(decisions, settings, scan_, key)
+        pixels = read_pixels(stem.with_suffix(".safetensors"), key, decisions, labels) if keep_pixels else None
+    except BadCache as e:
+        print(f"folder cache {stem}.* does not match the folder ({e}); building it again", flush=True)
+        return None
+    return decisions, pixels
 
 
-def read_pixels(path: Path, key: str) -> dict | None:
+def expected_labels(d: Decisions, settings: FolderSettings, scan_: FolderScan, key: str) -> dict:
+    """Check the cached decisions against the settings and the scan; returns {split: the labels its images
+    must have}. Raises BadCache."""
+    def number_list(values, n: int) -> bool:
+        return (isinstance(values, list) and len(values) == n and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+
+    if d.key != key or d.source != source(settings):
+        raise BadCache("its key or source is not this folder's")
+    if d.class_names != scan_.class_names:
+        raise BadCache(f"class names {d.class_names!r:.80}, the folder has {len(scan_.class_names)} classes")
+    if d.channels not in (1, 3) or settings.channels not in (0, d.channels):
+        raise BadCache(f"channels {d.channels!r}")
+    if not (number_list(d.image_size, 2) and all(isinstance(v, int) and v > 0 for v in d.image_size)
+            and (not settings.image_size or tuple(d.image_size) == image_size(settings.image_size))):
+        raise BadCache(f"image size {d.image_size!r:.40}")
+    if not (number_list(d.mean, d.channels) and number_list(d.std, d.channels) and min(d.std) > 0):
+        raise BadCache(f"mean {d.mean!r:.40} and std {d.std!r:.40} are not {d.channels} numbers each")
+    scanned = {p for entries in scan_.files.values() for p, _ in entries}
+    if not (isinstance(d.bad_images, list) and set(d.bad_images) <= scanned and d.skipped_files == scan_.skipped):
+        raise BadCache("its skipped and bad files are not the folder's")
+    bad = set(d.bad_images)
+    labels = {split: [label for p, label in entries if p not in bad] for split, entries in scan_.files.items()}
+    if d.counts != {split: len(kept) for split, kept in labels.items()}:
+        raise BadCache(f"image counts {d.counts!r:.80}")
+    return labels
+
+
+def read_pixels(path: Path, key: str, d: Decisions, labels: dict) -> dict:
+    """{split: (uint8 images [N, C, H, W], int64 labels [N])}, checked against the decisions and the labels
+    the scan gives. Raises BadCache."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") != key:
-                return None
+                raise BadCache("its pixels are of another key")
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception:  # absent or damaged (safetensors has its own error types): build again
-        return None
-    return {split: (tensors[f"{split}.images"], tensors[f"{split}.labels"])
-            for split in SPLITS if f"{split}.images" in tensors}
+    except BadCache:
+        raise
+    except Exception as e:  # safetensors has its own error types
+        raise BadCache(f"its pixels are unreadable: {first_line(e)}") from None
+    if set(tensors) != {f"{split}.{part}" for split in labels for part in ("images", "labels")}:
+        raise BadCache(f"it holds {', '.join(sorted(tensors))}")
+    pixels = {}
+    for split, want in labels.items():
+        images, found = tensors[f"{split}.images"], tensors[f"{split}.labels"]
+        if images.dtype != torch.uint8 or tuple(images.shape) != (len(want), d.channels, *d.image_size):
+            raise BadCache(f"{split} images of shape {tuple(images.shape)} and type {images.dtype}")
+        if found.dtype != torch.int64 or found.tolist() != want:
+            raise BadCache(f"{split} labels are not the folder's")
+        pixels[split] = (images, found)
+    return pixels
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -356,16 +463,18 @@ class FolderData:
     description: str             # for the run's header
 
 
-def load(settings: FolderSettings, keep_pixels: bool) -> FolderData:
+def load(settings: FolderSettings, keep_pixels: bool, found: FolderScan | None = None) -> FolderData:
     """The folder's splits: in memory from the cache (built now if missing), or, without keep_pixels
-    (data.loader=torchvision), decoded lazily from the files."""
-    found = scan(Path(settings.root))
+    (data.loader=torchvision), decoded lazily from the files. `found`: the folder's scan, if taken already
+    (for the run's data identity)."""
+    found = found or scan(Path(settings.root))
     key = cache_key(settings, found)
     stem = cache_dir(settings) / f"folder-{key[:16]}"
-    decisions = read_decisions(stem.with_suffix(".json"), key)
-    pixels = read_pixels(stem.with_suffix(".safetensors"), key) if keep_pixels and decisions else None
-    reused = decisions is not None and (pixels is not None or not keep_pixels)
-    if not reused:
+    cached = read_cache(stem, settings, found, key, keep_pixels)
+    reused = cached is not None
+    if cached is not None:
+        decisions, pixels = cached
+    else:
         decisions, arrays = build(settings, found, key, keep_pixels)
         save(stem.parent, decisions, arrays)
         pixels = {split: tuple(torch.from_numpy(a) for a in pair) for split, pair in arrays.items()}

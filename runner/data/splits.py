@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from runner.data.datasets import ImageSet
-    from runner.data.folder import FolderSettings
+    from runner.data.folder import FolderScan, FolderSettings
 
 NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "folder"]
 CARD = "data.json"  # what a run records of its data: see data_card
@@ -107,9 +107,10 @@ class Splits:
         return replace(self, train=few, eval=few, eval_split="overfit", train_dataset=datasets.ImageSetDataset(few))
 
 
-def load_splits(cfg: DataConfig, seed: int, defaults: dict | None = None) -> Splits:
+def load_splits(cfg: DataConfig, seed: int, defaults: dict | None = None, scan: FolderScan | None = None) -> Splits:
     """The splits; `defaults` (image_size, mean, std: a pretrained model's, or a run's data.json) apply where
-    data.image_size, data.mean and data.std are not set."""
+    data.image_size, data.mean and data.std are not set. `scan`: the folder's listing taken for the run's data
+    identity (data.name=folder), or None to list it."""
     import torch
 
     from runner.data import datasets
@@ -130,7 +131,7 @@ def load_splits(cfg: DataConfig, seed: int, defaults: dict | None = None) -> Spl
     elif cfg.name == "folder":
         from runner.data import folder
 
-        found = folder.load(folder_settings(cfg, size), keep_pixels=cfg.loader == "device")
+        found = folder.load(folder_settings(cfg, size), keep_pixels=cfg.loader == "device", found=scan)
         train, val, test = found.splits["train"], found.splits.get("val"), found.splits["test"]
         class_names, description = found.decisions.class_names, found.description
         stats, train_ds = (tuple(found.decisions.mean), tuple(found.decisions.std)), None
