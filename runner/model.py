@@ -159,6 +159,20 @@ def build_model(cfg: ModelConfig, in_shape: tuple[int, int, int], num_classes: i
     return model
 
 
+def record_weights_identity(cfg: ModelConfig) -> None:
+    """Put model.weights' sha256 into the config, so a changed file is a changed experiment."""
+    if not cfg.weights:
+        return
+    from runner.weights import weights_source
+
+    digest = weights_source(cfg.weights).sha256
+    if cfg.weights_sha256 and cfg.weights_sha256 != digest:
+        raise UserError(f"model.weights={shown(cfg.weights)} has sha256 {digest}, but model.weights_sha256="
+                        f"{cfg.weights_sha256}: the file changed since the run started; use the file it started "
+                        f"from, or another run.name")
+    cfg.weights_sha256 = digest
+
+
 def start_weights(model: nn.Module, cfg: ModelConfig, num_classes: int) -> list[str]:
     """Load model.weights, or torchvision's pretrained weights (timm loads its own in create_model);
     returns the lines that say which classifier head was re-initialised."""

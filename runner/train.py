@@ -30,8 +30,7 @@ from runner.state import PREEMPTED, RunState  # noqa: E402
 def train(cfg: Config, config_label: str, started: float) -> int:
     from runner.data.identity import data_identity
     from runner.distributed import launched_world_size
-
-    from runner.weights import record_weights_identity
+    from runner.model import record_weights_identity
 
     plan = Plan.resolve(cfg, launched_world_size())
     record_weights_identity(cfg.model)  # before the fingerprint: a changed weights file is another experiment

@@ -21,8 +21,6 @@ from runner.yaml_files import not_a_regular_file
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from runner.model import ModelConfig
-
 WRAPPERS = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning-style and EMA wrappers
 NESTED = ("state_dict", "model_state_dict", "model", "module")  # where checkpoints keep the weights
 SHOWN_KEYS = 3
@@ -63,18 +61,6 @@ def hashed_source(path: str, size: int, mtime_ns: int) -> WeightsSource:
         return WeightsSource(given, sha256(given))
     except OSError as e:
         raise UserError(f"model.weights={shown(path)}: cannot read it ({e.strerror})") from None
-
-
-def record_weights_identity(cfg: ModelConfig) -> None:
-    """Put model.weights' sha256 into the config, so a changed file is a changed experiment."""
-    if not cfg.weights:
-        return
-    digest = weights_source(cfg.weights).sha256
-    if cfg.weights_sha256 and cfg.weights_sha256 != digest:
-        raise UserError(f"model.weights={shown(cfg.weights)} has sha256 {digest}, but model.weights_sha256="
-                        f"{cfg.weights_sha256}: the file changed since the run started; use the file it started "
-                        f"from, or another run.name")
-    cfg.weights_sha256 = digest
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
