@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,6 +73,14 @@ def parse_command_line(argv: list[str], flags: dict[str, str],
     return options, overrides
 
 
+def quiet_disk_errors_in_threads(args) -> None:
+    """A writer thread that hits a full or read-only disk (TensorBoard's) hands its error to the main thread
+    at the next write, which reports it in one line; the thread's own traceback would follow that line."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_ERRNOS:
+        return
+    threading.__excepthook__(args)
+
+
 @dataclass
 class Command:
     """A command's documentation (its module docstring, printed by --help), its flags ("--name": "value" or
@@ -83,6 +92,7 @@ class Command:
     epilog: Callable[[], str] = field(default=lambda: "")
 
     def main(self, argv: list[str] | None = None) -> int:
+        threading.excepthook = quiet_disk_errors_in_threads
         code = self.run_guarded(sys.argv[1:] if argv is None else list(argv))
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
             # The interpreter's teardown after a gloo process group sometimes aborts ("terminate called

@@ -9,9 +9,11 @@ import math
 from dataclasses import dataclass
 
 from runner.config import setting
-from runner.errors import ConfigError
+from runner.errors import ConfigError, UserError
 
 NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
+# Planned over the run's length: at the last step they have reached their end. A longer run is another plan.
+SPAN_DEPENDENT = ("cosine", "onecycle")
 
 
 @dataclass
@@ -53,6 +55,17 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch:
         progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
         decay = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     return warm * decay
+
+
+def check_schedule_continues(cfg: ScheduleConfig, run_dir, finished_epochs, epochs: int) -> None:
+    """A run that completed its epochs, given more: a schedule planned over its length has ended (its
+    learning rate is at the floor), so the extra epochs would train at the floor, or stretch the schedule
+    and jump back up mid-run; neither continues the run. Refused, with what to do instead."""
+    if cfg.name in SPAN_DEPENDENT and isinstance(finished_epochs, int) and epochs > finished_epochs:
+        raise UserError(f"{run_dir} completed its {finished_epochs} epochs with schedule.name={cfg.name}, which "
+                        f"ended there (learning rate at its floor); train.epochs={epochs} cannot continue it. "
+                        f"Start a new run with train.epochs={epochs} under another run.name, or use a schedule "
+                        f"that does not depend on the run's length (constant, step, multistep)")
 
 
 def build_scheduler(optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int):
