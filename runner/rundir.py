@@ -25,7 +25,7 @@ from runner.config import fingerprint_keys, flatten
 from runner.distributed import is_main_rank
 from runner.errors import ConfigError, UserError
 from runner.preemption import slurm_job_id
-from runner.schedule import check_schedule_continues
+from runner.schedule import replanned_note
 from runner.state import COMPLETED, FINISHED
 
 LOCK = "run.lock"
@@ -142,7 +142,7 @@ class RunDir:
     def finished_summary(self, cfg) -> dict | None:
         """The stored summary of a run that already finished as this same experiment and length (epochs,
         max_steps), or None. Running it again must change nothing. More epochs after a schedule that has
-        run out are refused (see check_schedule_continues)."""
+        ended re-plan it, which the run's header says (see replanned_note)."""
         if cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment) != self.experiment:
             return None
         try:
@@ -154,8 +154,9 @@ class RunDir:
         if summary.get("length") == {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
             return summary
         if summary.get("stopped") == COMPLETED:
-            check_schedule_continues(cfg.schedule, self.path, summary.get("length", {}).get("epochs"),
-                                     cfg.train.epochs)
+            length = summary.get("length")
+            self.note = replanned_note(cfg.schedule, self.path, length.get("epochs") if isinstance(length, dict)
+                                       else None, cfg.train.epochs) or self.note
         return None
 
     def claim(self, resume: str, overwrite: bool, has_checkpoints: bool) -> None:

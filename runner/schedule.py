@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from runner.config import setting
-from runner.errors import ConfigError, UserError
+from runner.errors import ConfigError
 
 NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
 # Planned over the run's length: at the last step they have reached their end. A longer run is another plan.
@@ -57,15 +57,16 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch:
     return warm * decay
 
 
-def check_schedule_continues(cfg: ScheduleConfig, run_dir, finished_epochs, epochs: int) -> None:
-    """A run that completed its epochs, given more: a schedule planned over its length has ended (its
-    learning rate is at the floor), so the extra epochs would train at the floor, or stretch the schedule
-    and jump back up mid-run; neither continues the run. Refused, with what to do instead."""
-    if cfg.name in SPAN_DEPENDENT and isinstance(finished_epochs, int) and epochs > finished_epochs:
-        raise UserError(f"{run_dir} completed its {finished_epochs} epochs with schedule.name={cfg.name}, which "
-                        f"ended there (learning rate at its floor); train.epochs={epochs} cannot continue it. "
-                        f"Start a new run with train.epochs={epochs} under another run.name, or use a schedule "
-                        f"that does not depend on the run's length (constant, step, multistep)")
+def replanned_note(cfg: ScheduleConfig, run_dir, finished_epochs, epochs: int) -> str | None:
+    """A run that completed its epochs, given more: a schedule planned over its length has ended there (its
+    learning rate at the floor). Continuing re-plans it over the new length (the multiplier is a function of
+    the step and the span), so the learning rate rises again mid-run: say so, and how to get one schedule."""
+    if cfg.name not in SPAN_DEPENDENT or not isinstance(finished_epochs, int) or epochs <= finished_epochs:
+        return None
+    return (f"note: {run_dir} completed its {finished_epochs} epochs with schedule.name={cfg.name}, which ended "
+            f"there (learning rate at its floor); train.epochs={epochs} re-plans it over {epochs} epochs, so the "
+            f"learning rate rises again from here and decays to the new end. For one {cfg.name} schedule over "
+            f"{epochs} epochs, start a new run (another run.name)")
 
 
 def build_scheduler(optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int):
