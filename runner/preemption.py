@@ -6,7 +6,8 @@ The handler only sets a flag, because saving inside a handler races with the ste
 the sum one step later (on GPUs: at the next log, eval or save boundary). Every rank reads the same sum at
 the same step, so all stop at that step and save the same checkpoint, and none is left blocked in a
 collective. A second signal exits at once (the same signal delivered twice within DUPLICATE_WINDOW_S counts
-once). Ctrl-C (SIGINT) stops the same way, without a requeue, and exits 130 as an interrupted command does.
+once). Ctrl-C (SIGINT) stops the same way, without a requeue, and exits 130 as an interrupted command does;
+a second Ctrl-C exits at once (one within CTRL_C_REPEAT_S is the same keypress passed on by a launcher).
 The handlers stay until the process is gone: see exit_keeping_handlers.
 """
 from __future__ import annotations
@@ -27,12 +28,16 @@ received_at = 0.0
 # Slurm signals every process of a step, and launchers pass signals on too: the same signal again within
 # this many seconds is the same event arriving twice, not a second request.
 DUPLICATE_WINDOW_S = 2.0
+# A terminal's Ctrl-C reaches every process of the group, and torchrun passes it on to its ranks again
+# within milliseconds; a person who presses Ctrl-C a second time to quit does so later than this.
+CTRL_C_REPEAT_S = 0.5
 
 
 def handle(signum, frame):
     global received, received_at
     if received is not None:
-        if signum == received and time.monotonic() - received_at < DUPLICATE_WINDOW_S:
+        window = CTRL_C_REPEAT_S if signum == signal.SIGINT else DUPLICATE_WINDOW_S
+        if signum == received and time.monotonic() - received_at < window:
             return
         os._exit(128 + signum)
     received, received_at = signum, time.monotonic()
