@@ -191,8 +191,9 @@ class RunDir:
 class RunLock:
     """`run.lock` in the run directory, taken by the main process of a launch: its content is written to a
     file of its own, then hard-linked into place (atomic, and it fails if a lock exists, on a shared
-    filesystem too), so a lock is never empty or half-written. A lock whose holder is gone is taken over: a dead process on this host, or an
-    earlier run of the same Slurm job (a requeue, possibly on another node)."""
+    filesystem too), so a lock is never empty or half-written. A lock whose holder is gone is taken over: a
+    dead process on this host, or an earlier run of the same Slurm job (a requeue, possibly on another
+    node)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
@@ -217,9 +218,9 @@ class RunLock:
         return False
 
     def holder(self) -> dict | None:
-        """Who holds the lock, or None when it names nobody. The lock's content is linked into place whole,
-        so an empty or unreadable lock was never a live run's (a crash of the machine, an older runner):
-        it is stale."""
+        """Who holds the lock; {} when it was released just now; None when it names nobody. The lock's
+        content is linked into place whole, so an empty or unreadable lock was never a live run's (a crash
+        of the machine, an older runner): it is stale."""
         try:
             holder = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -245,12 +246,12 @@ class RunLock:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.take()
+            self.link_or_refuse()
         except BaseException:
             self.remove_created_dir()
             raise
 
-    def take(self) -> None:
+    def link_or_refuse(self) -> None:
         for _ in range(3):
             if self.place():
                 self.held = True

@@ -142,8 +142,8 @@ def build_training(ctx: RunContext, splits):
 
 
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
-    """Apply the resume policy to the run directory (its lock is held), load the checkpoint to continue from, if any, and
-    record config.yaml and data.json. Returns the run state to continue from."""
+    """Apply the resume policy to the run directory (its lock is held), load the checkpoint to continue
+    from, if any, and record config.yaml and data.json. Returns the run state to continue from."""
     from runner.data.splits import data_card
 
     cfg, acc, run_dir = ctx.cfg, ctx.acc, ctx.run_dir

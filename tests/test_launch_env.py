@@ -54,10 +54,12 @@ def test_launcher_variables_that_make_no_sense_are_one_line(tmp_path, bad, named
 @pytest.mark.parametrize("content", ["", '{"host": "'], ids=["empty", "cut_short"])
 def test_a_lock_that_names_nobody_is_stale(tmp_path, content):
     """A run.lock that is empty or not JSON (its writer died; a lock is now linked into place whole) was
-    refused as 'in use by pid ? on host ?' for 10 s. It is taken over at once."""
+    refused as 'in use by pid ? on host ?' until it was 10 s old. It is taken over at once."""
     run_dir = tmp_path / "runs" / "x"
     run_dir.mkdir(parents=True)
     (run_dir / "run.lock").write_text(content)
+    future = time.time() + 600  # as fresh as can be, however long this start takes to reach the lock
+    os.utime(run_dir / "run.lock", (future, future))
     result = ok(run_train(DIGITS + SHORT + ["run.name=x"], tmp_path))
     assert "in use" not in result.stdout + result.stderr
     assert (run_dir / "summary.json").is_file() and not (run_dir / "run.lock").exists()
