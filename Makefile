@@ -34,7 +34,7 @@ bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.bench --json runs/bench.json
 
 # The direct and test dependencies of pyproject.toml, pinned to what this .venv holds (run after `make test`).
-PINNED := accelerate|matplotlib|mlflow|psutil|pytest|pytest-timeout|pyyaml|safetensors|scikit-learn|tensorboard|torch|torchmetrics|torchvision|tqdm|wandb
+PINNED := accelerate|matplotlib|mlflow|psutil|pytest|pytest-timeout|pyyaml|safetensors|scikit-learn|tensorboard|timm|torch|torchmetrics|torchvision|tqdm|wandb
 
 constraints: $(STAMP)
 	{ grep '^#' constraints.txt; $(PY) -m pip freeze | grep -iE '^($(PINNED))=='; } > constraints.txt.new

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,8 @@ def parse_command_line(argv: list[str], flags: dict[str, str],
     """Split argv into known `--flags` and `section.key=value` overrides (also `--section.key value`).
 
     `flags` maps each flag to "value" (takes an argument) or "switch". With `positional`, other bare
-    arguments (paths) are collected in options["args"].
+    arguments (paths) are collected in options["args"], and so is an argument holding `=` that names an
+    existing path.
     """
     options: dict[str, Any] = {"args": []} if positional else {}
     overrides: list[tuple[str, str]] = []
@@ -58,7 +60,7 @@ def parse_command_line(argv: list[str], flags: dict[str, str],
                 options[name] = argv[i]
             else:
                 raise ConfigError(f"{name} needs a value")
-        elif "=" in arg:
+        elif "=" in arg and not (positional and os.path.lexists(arg)):  # `x=1.png` that exists is a path
             key, text = arg.split("=", 1)
             overrides.append((key.lstrip("-"), text))
         elif arg.startswith("--") and i + 1 < len(argv):
@@ -73,6 +75,14 @@ def parse_command_line(argv: list[str], flags: dict[str, str],
     return options, overrides
 
 
+def quiet_disk_errors_in_threads(args) -> None:
+    """A writer thread that hits a full or read-only disk (TensorBoard's) hands its error to the main thread
+    at the next write, which reports it in one line; the thread's own traceback would follow that line."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_ERRNOS:
+        return
+    threading.__excepthook__(args)
+
+
 @dataclass
 class Command:
     """A command's documentation (its module docstring, printed by --help), its flags ("--name": "value" or
@@ -84,8 +94,10 @@ class Command:
     epilog: Callable[[], str] = field(default=lambda: "")
 
     def main(self, argv: list[str] | None = None) -> int:
+        threading.excepthook = quiet_disk_errors_in_threads
         code = self.run_guarded(sys.argv[1:] if argv is None else list(argv))
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and "torch.distributed" in sys.modules:
+        world = os.environ.get("WORLD_SIZE", "1").strip()  # checked by the command; here it may be anything
+        if world.isdigit() and int(world) > 1 and "torch.distributed" in sys.modules:
             # The interpreter's teardown after a gloo process group sometimes aborts ("terminate called
             # without an active exception"), turning a finished rank into a crash: everything is written
             # and flushed by now, so leave at once.

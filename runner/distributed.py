@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from runner.config import setting
-from runner.errors import UserError
+from runner.errors import UserError, shown
 
 # Below this much work per micro-step (forward + backward), extra threads only add synchronisation, and
 # their spin-waiting collapses throughput (measured 16x) as soon as another process shares the cores.
@@ -77,14 +77,38 @@ def enable_debugging(dumps: Path, log) -> None:
         f"collective timeout go to {dumps}/rank_<N>")
 
 
+def launcher_integer(name: str, default: int, low: int, high: int, meaning: str) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise UserError(f"the launcher set {name}={shown(text)} ({meaning}): expected an integer from {low} to "
+                        f"{high}; check the launch command or the job script that sets it")
+    return value
+
+
 def launched_world_size() -> int:
-    """The world size the launcher meant to start (torchrun/accelerate set WORLD_SIZE)."""
+    """The world size the launcher meant to start (torchrun/accelerate set WORLD_SIZE), after checking the
+    launcher's variables once, before any process group is tried: nonsense there would otherwise surface as
+    a ZeroDivisionError, or as a wait for a process group that can never form."""
     slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1)
     if "WORLD_SIZE" not in os.environ and slurm_tasks > 1:
         raise UserError(f"srun started {slurm_tasks} tasks but none of them knows its rank, so each would train "
                         f"alone on all the data; run each task through launch/slurm_task.sh (as slurm/cpu.sbatch "
                         f"does) or one `accelerate launch` per node")
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = launcher_integer("WORLD_SIZE", 1, 1, 1 << 20, "the number of processes")
+    launcher_integer("RANK", 0, 0, world - 1, f"this process's rank in a world of {world}")
+    local_world = launcher_integer("LOCAL_WORLD_SIZE", 1, 1, world, "the processes on this node")
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        launcher_integer("LOCAL_RANK", 0, 0, local_world - 1, f"this process's rank among {local_world} on its node")
+    else:
+        launcher_integer("LOCAL_RANK", 0, 0, world - 1, "this process's rank on its node")
+    launcher_integer("MASTER_PORT", 29500, 1, 65535, "the master's TCP port")
+    return world
 
 
 def check_launcher_precision(requested: str) -> None:

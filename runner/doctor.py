@@ -28,12 +28,17 @@ import time
 from pathlib import Path
 
 STARTED = time.monotonic()  # --timeout counts from here, before the slow imports
+MAX_TIMEOUT_S = 7 * 24 * 3600
+# Rank 0 that took longer than a short --timeout to import torch still hosts the check-in and waits this long
+# for the other ranks, so that it names the ranks that did not join; its start-up may overrun by the grace.
+LATE_JOIN_WAIT_S, STARTUP_GRACE_S = 2.0, 10.0
 
 if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import importlib.metadata  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -474,8 +479,9 @@ def benchmark(device, world: int, max_size: int, iterations: int, watchdog: Watc
 # ---------------------------------------------------------------------------------------------- the command
 
 def join(launch: Launch, backend: str, gpu: bool, timeout: float, watchdog: Watchdog):
-    """Check in on the store; rank 0 collects every report, runs the checks and tells the others the verdict."""
-    deadline = STARTED + timeout
+    """Check in on the store; rank 0 collects every report, runs the checks and tells the others the verdict.
+    A rank 0 whose own start-up used up the timeout still waits a moment for the others to check in."""
+    deadline = max(STARTED + timeout, time.monotonic() + LATE_JOIN_WAIT_S) if launch.rank == 0 else STARTED + timeout
     where = f"rank {launch.rank} on {socket.gethostname()}"
     master = f"{launch.master_addr}:{launch.master_port}"
     unreachable = (f"check 'master address reachable' failed: {where} could not reach the master at {master} "
@@ -518,9 +524,9 @@ def join(launch: Launch, backend: str, gpu: bool, timeout: float, watchdog: Watc
 def run(options: dict, overrides: list) -> int:
     if overrides:
         raise UserError(f"unknown argument {overrides[0][0]}={overrides[0][1]}; see --help")
-    timeout = positive_number(options.get("--timeout", "120"), "--timeout")
+    timeout = positive_number(options.get("--timeout", "120"), "--timeout", MAX_TIMEOUT_S)
     max_size = parse_size(options.get("--max-size", "64MB"))
-    iterations = int(positive_number(options.get("--iterations", "20"), "--iterations"))
+    iterations = int(positive_number(options.get("--iterations", "20"), "--iterations", 1e6))
     backend = options.get("--backend", "auto")
     if backend not in ("auto", "gloo", "nccl"):
         raise UserError(f"--backend {backend!r}: expected auto, gloo or nccl")
@@ -532,9 +538,11 @@ def run(options: dict, overrides: list) -> int:
         raise UserError(f"rank {launch.rank} is outside world size {launch.world} (RANK/WORLD_SIZE or SLURM_PROCID/"
                         f"SLURM_NTASKS as the launcher set them)")
     watchdog = Watchdog(timeout, launch.rank)
-    # Importing torch can itself take longer than a short timeout on a loaded machine.
+    # Importing torch can itself take longer than a short timeout on a loaded machine. Rank 0 then still
+    # checks who joined (see join), so that it names the rank that is missing rather than itself.
+    grace = STARTUP_GRACE_S if launch.rank == 0 else 0.0
     watchdog.arm(f"check 'all ranks joined' failed: rank {launch.rank} on {socket.gethostname()} did not start "
-                 f"within --timeout {timeout:g} s", STARTED + timeout - time.monotonic())
+                 f"within --timeout {timeout:g} s", STARTED + timeout + grace - time.monotonic())
     try:
         return diagnose(launch, backend, timeout, max_size, iterations, watchdog)
     except Verdict as verdict:
@@ -575,13 +583,13 @@ def diagnose(launch: Launch, backend: str, timeout: float, max_size: int, iterat
     return 0
 
 
-def positive_number(text: str, flag: str) -> float:
+def positive_number(text: str, flag: str, most: float) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise UserError(f"{flag} {text!r}: expected a positive number")
+        value = math.nan
+    if not 0 < value <= most:  # also nan, inf and 1e309, which timers and sleeps cannot take
+        raise UserError(f"{flag} {text!r}: expected a positive number of at most {most:g}")
     return value
 
 

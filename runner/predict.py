@@ -12,6 +12,9 @@ files; other files in them are skipped. Prints one line per image:
 
 with --top K the K most likely classes, each as class<TAB>probability, most likely first; with --json one
 JSON object per line: {"path": ..., "predictions": [{"class": ..., "probability": ...}, ...]}.
+In the tab-separated lines, a backslash, TAB, newline or carriage return in a path or class name is
+written as \\\\, \\t, \\n or \\r, so every image stays one line of tab-separated fields. A file whose name
+holds `=` (x=1.png) is read as a file when it exists.
 Each image is preprocessed as in training, from the run's data.json: converted to its channels, resized to
 its image size, normalised with its mean and std.
 """
@@ -78,6 +81,15 @@ def predict(model, files: list[Path], card: dict, top: int, batch_size: int):
             yield path, [(card["class_names"][c], q) for c, q in zip(i, p)]
 
 
+TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(text) -> str:
+    """A path or class name as one field of a tab-separated line: C-style backslash escapes, so a TAB or a
+    newline in a name cannot split the line."""
+    return str(text).translate(TSV_ESCAPES)
+
+
 def positive(options: dict, flag: str, default: int) -> int:
     text = options.get(flag, str(default))
     if not text.isdigit() or int(text) < 1:
@@ -107,7 +119,7 @@ def run(options: dict, overrides: list) -> int:
                 print(json.dumps({"path": str(path),
                                   "predictions": [{"class": c, "probability": p} for c, p in ranked]}))
             else:
-                print("\t".join([str(path)] + [f"{c}\t{p:.4f}" for c, p in ranked]))
+                print("\t".join([tsv_field(path)] + [f"{tsv_field(c)}\t{p:.4f}" for c, p in ranked]))
         sys.stdout.flush()
     except BrokenPipeError:  # the reader (head, grep -m) has had enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

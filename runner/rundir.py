@@ -27,7 +27,8 @@ from runner.data.identity import describe_change
 from runner.distributed import is_main_rank
 from runner.errors import ConfigError, UserError
 from runner.preemption import slurm_job_id
-from runner.state import FINISHED
+from runner.schedule import replanned_note
+from runner.state import COMPLETED, FINISHED
 
 LOCK = "run.lock"
 
@@ -147,26 +148,39 @@ class RunDir:
         nothing."""
         return self.path / name if self.enabled else Path(tempfile.gettempdir()) / f"runner-{name}"
 
+    def take(self, cfg) -> dict | None:
+        """Main process, before anything is written: take the lock (a second launch on this directory stops
+        here), then decide under it whether this run has already finished: its stored summary, or None. A
+        launch that waited while the same run finished must see it finished, not resume from its end."""
+        if not (self.enabled and is_main_rank()):
+            return None
+        self.lock.acquire()
+        return self.finished_summary(cfg)
+
     def finished_summary(self, cfg) -> dict | None:
         """The stored summary of a run that already finished as this same experiment and length (epochs,
-        max_steps), or None. Running it again must change nothing."""
-        if not self.enabled or cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment) != self.experiment:
+        max_steps), or None. Running it again must change nothing. More epochs after a schedule that has
+        ended re-plan it, which the run's header says (see replanned_note)."""
+        if cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment) != self.experiment:
             return None
         try:
             summary = json.loads((self.path / "summary.json").read_text())
         except (OSError, ValueError):
             return None
-        if isinstance(summary, dict) and summary.get("stopped") in FINISHED and summary.get("length") == {
-                "epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
+        if not isinstance(summary, dict) or summary.get("stopped") not in FINISHED:
+            return None
+        if summary.get("length") == {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}:
             return summary
+        if summary.get("stopped") == COMPLETED:
+            length = summary.get("length")
+            self.note = replanned_note(cfg.schedule, self.path, length.get("epochs") if isinstance(length, dict)
+                                       else None, cfg.train.epochs) or self.note
         return None
 
     def claim(self, resume: str, overwrite: bool, has_checkpoints: bool) -> None:
-        """Main process, before anything is written: take the lock (a second launch on this directory stops
-        here), then enforce the resume policy."""
+        """Main process, holding the lock (take): enforce the resume policy."""
         if not (self.enabled and is_main_rank()):
             return
-        self.lock.acquire()
         if resume == "none" and has_checkpoints:
             if not overwrite:
                 raise UserError(f"{self.path} already holds checkpoints and resume=none; use resume=auto to "
@@ -181,8 +195,11 @@ class RunDir:
         if not (self.enabled and is_main_rank()):
             return
         tmp = self.path / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.path / name)
+        try:
+            tmp.write_text(text)
+            tmp.replace(self.path / name)
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
 
     def release(self) -> None:
         if self.enabled:
@@ -190,9 +207,11 @@ class RunDir:
 
 
 class RunLock:
-    """`run.lock` in the run directory, taken by the main process of a launch with O_EXCL (atomic on a
-    shared filesystem too). A lock whose holder is gone is taken over: a dead process on this host, or an
-    earlier run of the same Slurm job (a requeue, possibly on another node)."""
+    """`run.lock` in the run directory, taken by the main process of a launch: its content is written to a
+    file of its own, then hard-linked into place (atomic, and it fails if a lock exists, on a shared
+    filesystem too), so a lock is never empty or half-written. A lock whose holder is gone is taken over: a
+    dead process on this host, or an earlier run of the same Slurm job (a requeue, possibly on another
+    node)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
@@ -216,40 +235,61 @@ class RunLock:
             return False
         return False
 
-    def age(self) -> float:
+    def holder(self) -> dict | None:
+        """Who holds the lock; {} when it was released just now; None when it names nobody. The lock's
+        content is linked into place whole, so an empty or unreadable lock was never a live run's (a crash
+        of the machine, an older runner): it is stale."""
         try:
-            return time.time() - self.path.stat().st_mtime
-        except OSError:
-            return 0.0
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}  # released just now: try again
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) and "pid" in holder and "host" in holder else None
+
+    def place(self) -> bool:
+        """Write the lock's content to a file of our own, then link it into place: the lock exists whole or
+        not at all (a full disk fails before it exists). False if another lock is there."""
+        tmp = self.path.with_name(f".{LOCK}.{self.me['host']}.{self.me['pid']}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.me))
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
     def acquire(self) -> None:
         self.created_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.link_or_refuse()
+        except BaseException:
+            self.remove_created_dir()
+            raise
+
+    def link_or_refuse(self) -> None:
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder = json.loads(self.path.read_text() or "{}")
-                except (OSError, ValueError):
-                    holder = {}
-                if not isinstance(holder, dict) or not holder:  # being written right now, or cut short
-                    holder = {} if self.age() > 10 else {"pid": "?", "host": "?", "since": "just now"}
-                if holder and not self.holder_is_gone(holder):
-                    raise UserError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
-                                    f"{holder.get('host')} (since {holder.get('since')}); wait for it, stop it, "
-                                    f"or use another run.name") from None
-                self.path.unlink(missing_ok=True)  # a dead holder's lock (or one cut short): take it over
+            if self.place():
+                self.held = True
+                return
+            holder = self.holder()
+            if holder and not self.holder_is_gone(holder):
+                raise UserError(f"{self.path.parent} is in use by pid {holder.get('pid')} on host "
+                                f"{holder.get('host')} (since {holder.get('since')}); wait for it, stop it, "
+                                f"or use another run.name")
+            if holder == {}:
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            self.held = True
-            return
+            self.path.unlink(missing_ok=True)  # a dead holder's lock (or one that names nobody): take it over
         raise UserError(f"cannot take the lock {self.path}: another process keeps taking it")
+
+    def remove_created_dir(self) -> None:
+        if self.created_dir and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()  # a run refused before it wrote anything leaves nothing behind
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-            if self.created_dir and not any(self.path.parent.iterdir()):
-                self.path.parent.rmdir()  # a run refused before it wrote anything leaves nothing behind
+            self.remove_created_dir()

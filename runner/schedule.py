@@ -12,6 +12,8 @@ from runner.config import setting
 from runner.errors import ConfigError
 
 NAMES = ["constant", "step", "multistep", "cosine", "onecycle"]
+# Planned over the run's length: at the last step they have reached their end. A longer run is another plan.
+SPAN_DEPENDENT = ("cosine", "onecycle")
 
 
 @dataclass
@@ -53,6 +55,18 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch:
         progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
         decay = cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     return warm * decay
+
+
+def replanned_note(cfg: ScheduleConfig, run_dir, finished_epochs, epochs: int) -> str | None:
+    """A run that completed its epochs, given more: a schedule planned over its length has ended there (its
+    learning rate at the floor). Continuing re-plans it over the new length (the multiplier is a function of
+    the step and the span), so the learning rate rises again mid-run: say so, and how to get one schedule."""
+    if cfg.name not in SPAN_DEPENDENT or not isinstance(finished_epochs, int) or epochs <= finished_epochs:
+        return None
+    return (f"note: {run_dir} completed its {finished_epochs} epochs with schedule.name={cfg.name}, which ended "
+            f"there (learning rate at its floor); train.epochs={epochs} re-plans it over {epochs} epochs, so the "
+            f"learning rate rises again from here and decays to the new end. For one {cfg.name} schedule over "
+            f"{epochs} epochs, start a new run (another run.name)")
 
 
 def build_scheduler(optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int):

@@ -45,7 +45,7 @@ import yaml  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.config import flatten, load  # noqa: E402
 from runner.distributed import is_main_rank  # noqa: E402
-from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from runner.errors import EXIT_PREEMPTED, UserError, shown  # noqa: E402
 from runner.plan import Config  # noqa: E402
 from runner.yaml_files import read_yaml  # noqa: E402
 
@@ -145,19 +145,31 @@ def name_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_") or "x"
 
 
+def with_digest(name: str, text: str) -> str:
+    """`name-<8 hex digits of text>`, cut to NAME_LIMIT characters."""
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{name[:NAME_LIMIT - 9]}-{digest}"
+
+
 def name_tasks(prefix: str, sets: list[dict]) -> list[Task]:
     short = labels(sets)
     names = []
     for overrides in sets:
         parts = [f"{name_part(short[k])}_{name_part(override_text(v))}" for k, v in overrides.items()]
         name = "-".join([prefix, *parts])
-        if len(name) > NAME_LIMIT:
-            digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-            name = f"{name[:NAME_LIMIT - 9]}-{digest}"
-        names.append(name)
-    # Two sets that differ only in characters a run name cannot hold: number them.
-    return [Task(i, name if names.count(name) == 1 else f"{name}-{i}", overrides)
-            for i, (name, overrides) in enumerate(zip(names, sets))]
+        names.append(with_digest(name, name) if len(name) > NAME_LIMIT else name)
+    # Sets that differ only in characters a run name cannot hold ("a b", "a_b"): tell them apart by a digest
+    # of their exact overrides (not by position, which could meet another task's name, or move when the file
+    # is edited), so that each task keeps a run directory of its own.
+    exact = ["\n".join(f"{k}={override_text(v)}" for k, v in sorted(o.items())) for o in sets]
+    names = [name if names.count(name) == 1 else with_digest(name, text) for name, text in zip(names, exact)]
+    first = {}
+    for i, name in enumerate(names):
+        if name in first:
+            raise UserError(f"sweep tasks {first[name]} and {i} would share the run directory {name} (their "
+                            f"overrides are the same: {shown(exact[i]) if exact[i] else 'none'}); list each set once")
+        first[name] = i
+    return [Task(i, name, overrides) for i, (name, overrides) in enumerate(zip(names, sets))]
 
 
 # ---------------------------------------------------------------------------------------------- tasks

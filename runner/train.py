@@ -21,7 +21,7 @@ from runner import preemption  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.context import RunContext  # noqa: E402
 from runner.distributed import is_main_rank  # noqa: E402
-from runner.errors import EXIT_PREEMPTED  # noqa: E402
+from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
 from runner.plan import Config, Plan  # noqa: E402
 from runner.rundir import RunDir, fingerprint  # noqa: E402
 from runner.state import PREEMPTED, RunState  # noqa: E402
@@ -37,9 +37,6 @@ def train(cfg: Config, config_label: str, started: float) -> int:
     identity = data_identity(cfg.data)  # on every rank: a listing of the files, no image decoded
     run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg, identity.value),
                              writes=not cfg.train.fast_dev_run)
-    finished = run_dir.finished_summary(cfg)
-    if finished is not None:  # running a finished run again changes nothing
-        return print_finished(run_dir, finished)
     try:
         return run(cfg, plan, run_dir, identity, started)
     finally:
@@ -64,6 +61,9 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
         enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
                            accelerate_trackers(cfg.log.trackers) if run_dir.enabled else [])
+    finished = take_run_dir(run_dir, cfg, acc)
+    if finished is not None:  # running a finished run again changes nothing
+        return print_finished(run_dir, finished)
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
     splits, batches, plan = load_data(cfg, plan, acc, identity.scan)
     if identity.pending:  # the files were downloaded just now: they have an identity now
@@ -87,6 +87,25 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
     acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
     acc.end_training()
     return 0
+
+
+def take_run_dir(run_dir: RunDir, cfg: Config, acc) -> dict | None:
+    """The main rank takes the run directory's lock and decides under it whether the run has finished
+    (RunDir.take); every rank learns that decision, or the refusal, so that all stop or all go on."""
+    from accelerate.utils import broadcast_object_list
+
+    decision = [None]
+    if is_main_rank():
+        try:
+            decision = [("finished", run_dir.take(cfg))]
+        except UserError as e:
+            decision = [("refused", str(e))]
+    if acc.num_processes > 1:
+        broadcast_object_list(decision)
+    outcome, value = decision[0]
+    if outcome == "refused":
+        raise UserError(value)
+    return value
 
 
 def load_data(cfg: Config, plan: Plan, acc, scan):
@@ -155,8 +174,8 @@ def fine_tuning(cfg: Config, model, num_classes: int):
 
 
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
-    """Claim the run directory (lock and resume policy), load the checkpoint to continue from, if any, and
-    record config.yaml and data.json. Returns the run state to continue from."""
+    """Apply the resume policy to the run directory (its lock is held), load the checkpoint to continue
+    from, if any, and record config.yaml and data.json. Returns the run state to continue from."""
     from runner.data.identity import KEY as DATA_IDENTITY
     from runner.data.splits import data_card
 
@@ -209,7 +228,7 @@ def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
 
 
 def preempted_exit(ctx: RunContext, checkpoints, state: RunState) -> int:
-    """Exit so the job can be requeued or restarted (exit 75)."""
+    """Exit so the job can be requeued or restarted (exit 75; 130 after Ctrl-C)."""
     saved = "checkpoint saved" if checkpoints.enabled else "nothing saved (fast_dev_run)"
     ctx.log.info(f"stopped by {preemption.signal_name()} at step {state.global_step}: {saved}")
     ctx.log.close()
@@ -218,7 +237,7 @@ def preempted_exit(ctx: RunContext, checkpoints, state: RunState) -> int:
         preemption.requeue_slurm_job(ctx.log.info)
     ctx.acc.wait_for_everyone()  # a launcher kills the group when one rank exits: let the main one finish first
     ctx.acc.end_training()
-    return EXIT_PREEMPTED
+    return preemption.exit_code(EXIT_PREEMPTED)
 
 
 def final_evaluation(trainer, splits) -> dict:
@@ -294,7 +313,9 @@ COMMAND = Command(__doc__, {"--config": "value", "--print-config": "switch"}, ru
 
 
 def main(argv=None) -> int:
-    return COMMAND.main(argv)
+    code = COMMAND.main(argv)
+    preemption.exit_keeping_handlers(code)
+    return code
 
 
 if __name__ == "__main__":
