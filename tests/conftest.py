@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -118,3 +119,15 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     ok(run_train(COMMON + ["run.name=ref", "checkpoint.every_steps=1", "checkpoint.keep_last=100"], tmp))
     return tmp / "runs" / "ref"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root and mount, as on CI); unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and mount to make a small filesystem")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests import sample_files
+from tests.util import QUIET, ok
 
-QUIET = ["log.trackers=[]", "log.plot=false"]
 
 
 def folder_args(root: Path, *extra) -> list[str]:
@@ -24,10 +24,6 @@ def folder_args(root: Path, *extra) -> list[str]:
     return ["--config", "folder", f"data.root={root}", "model.name=linear", "model.kwargs={}", "train.epochs=1",
             "train.global_batch_size=4", *QUIET, *extra]
 
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def refused(result) -> str:

@@ -134,7 +134,6 @@ def test_a_rank_lost_during_a_save_is_a_lost_rank(tmp_path):
 @pytest.mark.slow
 def test_launch_configs_parse_and_emulate_nodes_script_is_valid():
     """Every launch/*.yaml loads with accelerate's own reader; the emulation script passes `bash -n`."""
-    import subprocess
 
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -279,7 +278,6 @@ def test_ranks_see_disjoint_shards(tmp_path):
 def test_two_machines_complete_a_run_together(tmp_path):
     """launch/emulate_nodes.sh: two `accelerate launch --num_machines 2 --machine_rank 0|1 --main_process_ip
     127.0.0.1` on this host."""
-    import subprocess
 
     run_root = tmp_path / "runs"
     env = clean_env(tmp_path, ACCELERATE=BIN / "accelerate")

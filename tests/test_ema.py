@@ -14,17 +14,12 @@ from runner.evaluate import main as evaluate_main
 from runner.predict import main as predict_main
 from tests.conftest import reset_accelerate
 from tests.dist_helpers import error_lines
-from tests.util import clean_env, read_jsonl, run_train, summary, torchrun
+from tests.util import QUIET_LINES, clean_env, ok, read_jsonl, run_train, summary, torchrun
 
-QUIET = ["log.trackers=[]", "log.plot=false", "log.progress=lines"]
 # Two epochs of 6 steps at global batch 64 with an average: a stop at step 5 falls mid-epoch.
-AVERAGED = ["--config", "digits", *QUIET, "train.epochs=2", "train.limit_train_steps=6",
+AVERAGED = ["--config", "digits", *QUIET_LINES, "train.epochs=2", "train.limit_train_steps=6",
             "train.global_batch_size=64", "train.ema_decay=0.9"]
 
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def tensors(run_dir: Path, step: int, name: str) -> dict:
@@ -103,7 +98,7 @@ def test_evaluate_and_predict_take_the_average_by_default_and_raw_weights_when_a
 
 
 def test_asking_for_an_average_that_is_not_there_is_one_line(train_main, capsys, tmp_path):
-    plain = ok(train_main(["--config", "digits", *QUIET, "run.name=plain", "train.epochs=1",
+    plain = ok(train_main(["--config", "digits", *QUIET_LINES, "run.name=plain", "train.epochs=1",
                            "train.limit_train_steps=2"])).run_root / "plain"
     assert not (plain / "checkpoints" / "last" / "ema.safetensors").exists()
     reset_accelerate()
@@ -125,7 +120,7 @@ def test_asking_for_an_average_that_is_not_there_is_one_line(train_main, capsys,
 def test_the_average_on_one_and_two_processes_agrees(tmp_path):
     """torchrun with 2 processes against one process: the same average, also across an unfreeze."""
     env = clean_env(tmp_path)
-    args = ["--config", "digits", *QUIET, "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}",
+    args = ["--config", "digits", *QUIET_LINES, "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}",
             "train.epochs=2", "train.limit_train_steps=4", "train.global_batch_size=64", "train.ema_decay=0.9",
             "model.freeze=[features]", "model.unfreeze_epoch=1"]
     ok(run_train(args + ["run.name=one"], tmp_path, env=env))

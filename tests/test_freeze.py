@@ -9,19 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.dist_helpers import error_lines
-from tests.util import clean_env, run_train, torchrun
+from tests.util import QUIET_LINES, clean_env, ok, run_train, torchrun
 
-QUIET = ["log.trackers=[]", "log.plot=false", "log.progress=lines"]
 # ResNet-9 (BatchNorm) at width 4 on digits: two epochs of 4 steps, a checkpoint at the end of each.
-RESNET = ["--config", "digits", *QUIET, "model.name=resnet9", "model.kwargs={width: 4}", "train.epochs=2",
+RESNET = ["--config", "digits", *QUIET_LINES, "model.name=resnet9", "model.kwargs={width: 4}", "train.epochs=2",
           "train.limit_train_steps=4", "train.global_batch_size=64", "train.limit_eval_batches=1",
           "checkpoint.keep_last=10"]
 HEAD = "net.8.weight"  # ResNet-9's classifier: Linear(8 * width, 10, bias=False), 320 parameters
 
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def build(name: str, kwargs: dict) -> torch.nn.Module:
@@ -65,7 +60,7 @@ def test_frozen_backbone_and_its_batchnorm_stay_fixed_until_the_unfreeze_epoch(t
 
 
 def test_backbone_lr_factor_zero_leaves_the_backbone_weights_as_freezing_does(train_main):
-    args = ["--config", "digits", *QUIET, "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}",
+    args = ["--config", "digits", *QUIET_LINES, "model.name=simple_cnn", "model.kwargs={width: 4, hidden: 16}",
             "train.epochs=1", "train.limit_train_steps=4", "optim.weight_decay=0.01"]
     result = ok(train_main(args + ["run.name=lr0", "optim.backbone_lr_factor=0"]))
     start, end = initial_weights("simple_cnn", {"width": 4, "hidden": 16}), weights(result.run_root / "lr0", 4)
@@ -78,7 +73,7 @@ def test_backbone_lr_factor_zero_leaves_the_backbone_weights_as_freezing_does(tr
 
 
 def test_a_freeze_prefix_that_matches_no_parameter_is_one_line(train_main):
-    result = train_main(["--config", "digits", *QUIET, "model.name=simple_cnn", "model.freeze=[features, fc3]",
+    result = train_main(["--config", "digits", *QUIET_LINES, "model.name=simple_cnn", "model.freeze=[features, fc3]",
                          "run.name=typo"])
     assert result.returncode == 2
     assert error_lines(result.stderr) == [

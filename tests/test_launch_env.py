@@ -12,24 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.util import PYTHON, REPO, clean_env, free_port, read_jsonl, run_train
+from tests.util import PYTHON, REPO, clean_env, error_line, free_port, ok, read_jsonl, run_train
 
 DIGITS = ["--config", "digits", "log.trackers=[]", "log.plot=false"]
 SHORT = ["train.epochs=1", "train.limit_train_steps=4"]
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
-    return result
-
-
-def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    out = result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.returncode == code and "Traceback" not in out, f"exit {result.returncode}:\n{out}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), out
-    return lines[0]
 
 
 @pytest.mark.parametrize("bad, named", [({"WORLD_SIZE": "0"}, "WORLD_SIZE"), ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"),
@@ -45,7 +31,7 @@ def test_launcher_variables_that_make_no_sense_are_one_line(tmp_path, bad, named
     env.update(bad)
     started = time.monotonic()
     result = run_train(DIGITS + SHORT + ["run.name=env", "dist.timeout_s=30"], tmp_path, env=env, timeout=60)
-    line = one_line(result)
+    line = error_line(result)
     assert f"{named}={bad[named]!r}" in line, line
     assert time.monotonic() - started < 20
     assert not (tmp_path / "runs").exists()
@@ -60,21 +46,9 @@ def test_a_lock_that_names_nobody_is_stale(tmp_path, content):
     (run_dir / "run.lock").write_text(content)
     future = time.time() + 600  # as fresh as can be, however long this start takes to reach the lock
     os.utime(run_dir / "run.lock", (future, future))
-    result = ok(run_train(DIGITS + SHORT + ["run.name=x"], tmp_path))
+    result = ok(run_train(DIGITS + SHORT + ["run.name=x"], tmp_path), clean=True)
     assert "in use" not in result.stdout + result.stderr
     assert (run_dir / "summary.json").is_file() and not (run_dir / "run.lock").exists()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MiB tmpfs (needs root and mount, as on CI); unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root and mount to make a small filesystem")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 @pytest.mark.slow
@@ -86,12 +60,12 @@ def test_a_start_on_a_full_disk_leaves_nothing_behind(small_disk, tmp_path):
     for leave in (0, 4096, 8192, 12288, 16384):
         stat = os.statvfs(small_disk)
         (small_disk / "filler").write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
-        line = one_line(run_train(args, tmp_path))
+        line = error_line(run_train(args, tmp_path))
         assert "No space left on device" in line, (leave, line)
         left = sorted(str(p.relative_to(small_disk)) for p in small_disk.rglob("*") if p.name != "filler")
         assert not [p for p in left if p.endswith(("run.lock", ".tmp"))], (leave, left)
         (small_disk / "filler").unlink()
-    result = ok(run_train(args, tmp_path))
+    result = ok(run_train(args, tmp_path), clean=True)
     assert "in use" not in result.stderr and (small_disk / "full" / "summary.json").is_file()
 
 
@@ -101,7 +75,7 @@ def test_a_launch_that_waited_while_the_same_run_finished_does_not_run_it_again(
     rewrote summary.json. Here the run "finishes" (summary.json back, lock released) while the second launch
     imports torch. It must report the run as finished (exit 0) or as in use (exit 2), and change nothing."""
     args = DIGITS + SHORT + ["run.name=race"]
-    ok(run_train(args, tmp_path))
+    ok(run_train(args, tmp_path), clean=True)
     run_dir = tmp_path / "runs" / "race"
     summary, aside = run_dir / "summary.json", tmp_path / "summary.json"
     written = summary.read_bytes(), summary.stat().st_mtime_ns
@@ -136,8 +110,8 @@ def test_more_epochs_after_an_ended_cosine_schedule_say_it_is_replanned(tmp_path
     """A completed cosine run ended at learning rate 0; more epochs re-plan the schedule over the new length
     (the learning rate rises again). The header says so in one line, with how to get one schedule."""
     args = DIGITS + SHORT + ["run.name=cos", "schedule.name=cosine", "log.every_steps=1"]
-    ok(run_train(args, tmp_path))
-    continued = ok(run_train(args + ["train.epochs=2"], tmp_path))
+    ok(run_train(args, tmp_path), clean=True)
+    continued = ok(run_train(args + ["train.epochs=2"], tmp_path), clean=True)
     notes = [line for line in continued.stdout.splitlines() if "schedule.name=cosine" in line]
     assert len(notes) == 1 and "re-plans it over 2 epochs" in notes[0] and "run.name" in notes[0], continued.stdout
     lr = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "runs" / "cos" / "metrics.jsonl") if r["split"] == "train"}
@@ -146,6 +120,6 @@ def test_more_epochs_after_an_ended_cosine_schedule_say_it_is_replanned(tmp_path
 
 def test_a_fast_dev_run_names_no_run_directory_or_checkpoint(tmp_path):
     """train.fast_dev_run writes nothing, so its header and summary name no run directory and no checkpoint."""
-    result = ok(run_train(DIGITS + ["train.fast_dev_run=2"], tmp_path))
+    result = ok(run_train(DIGITS + ["train.fast_dev_run=2"], tmp_path), clean=True)
     assert str(tmp_path / "runs") not in result.stdout and "step_0" not in result.stdout, result.stdout
     assert "nothing is written" in result.stdout and not (tmp_path / "runs").exists()

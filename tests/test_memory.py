@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_helpers import final_checkpoint, read_weights
-from tests.util import PYTHON, REPO, clean_env, torchrun
+from tests.util import PYTHON, REPO, clean_env, ok, torchrun
 
 OOMNET = '''
 import os
@@ -89,10 +89,6 @@ def launch(user_dir: Path, args: list[str], world: int = 1) -> subprocess.Comple
     return subprocess.run(launcher + [str(REPO / "runner/train.py"), *BASE, *args, f"run.root={user_dir / 'runs'}"],
                           cwd=user_dir, env=clean_env(user_dir), capture_output=True, text=True, timeout=TIMEOUT)
 
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 def max_relative_difference(a: dict, b: dict) -> float:

@@ -11,8 +11,6 @@ def test_top5_accuracy_is_not_merged_with_top1():
     """A first batch that is all correct must not tie top-5 to top-1 for the rest of the evaluation."""
     import contextlib
 
-    import torch
-
     logits = torch.tensor([[9.0, 1, 0, 0, 0, 0, 0, 0, 0, 0]] * 4 + [[0.0, 9, 8, 7, 6, 5, 0, 0, 0, 0]] * 4)
     labels = torch.tensor([0] * 4 + [3] * 4)  # second half: top-1 wrong, top-5 right
     model = torch.nn.Identity()

@@ -144,7 +144,6 @@ def test_images_that_do_not_fit_the_model_fail_before_training(train_main, cifar
                                          ("resnet9", (3, 32, 32))])
 def test_flop_count_matches_torchs_flop_counter(name, shape):
     """The header's FLOPs come from hooks (fast start-up); they must equal FlopCounterMode's count."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model = create_model(name, {}, shape, 10)

@@ -11,26 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.util import PYTHON, REPO, clean_env, free_port, run_train
+from tests.util import PYTHON, REPO, clean_env, error_line, free_port, ok, run_train
 
 
 def tool(script: str, args: list, tmp_path: Path, cwd: Path = REPO, env: dict | None = None,
          timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([PYTHON, str(REPO / "runner" / script), *map(str, args)], cwd=cwd,
                           env=env or clean_env(tmp_path), capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def one_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    out = result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.returncode == code and "Traceback" not in out, f"exit {result.returncode}:\n{out}"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), out
-    return lines[0]
 
 
 def save_image(path: Path, level: int) -> Path:
@@ -51,7 +38,7 @@ def folder_run(tmp_path_factory) -> Path:
                 save_image(tmp / "data" / split / name / f"{i}.png", 30 + 190 * label)
     ok(run_train(["--config", "folder", f"data.root={tmp / 'data'}", "model.name=linear", "model.kwargs={}",
                   "train.epochs=1", "train.global_batch_size=4", "log.trackers=[]", "log.plot=false",
-                  "run.name=pets"], tmp))
+                  "run.name=pets"], tmp), clean=True)
     return tmp / "runs" / "pets"
 
 
@@ -63,7 +50,7 @@ def test_predict_escapes_tabs_newlines_and_backslashes_in_paths(folder_run, tmp_
     names = ["plain.png", "with\ttab.png", "with\nnewline.png", "back\\slash.png"]
     for name in names:
         save_image(images / name, 220)
-    result = ok(tool("predict.py", ["--checkpoint", folder_run, images], tmp_path))
+    result = ok(tool("predict.py", ["--checkpoint", folder_run, images], tmp_path), clean=True)
     lines = result.stdout.splitlines()
     assert len(lines) == len(names), result.stdout
     read_back = []
@@ -78,17 +65,17 @@ def test_predict_reads_an_existing_file_whose_name_holds_an_equals_sign(folder_r
     """`x=1.png` was refused as a config override. A file that exists is a path, relative or absolute."""
     save_image(tmp_path / "x=1.png", 220)
     for given, cwd in ((tmp_path / "x=1.png", REPO), ("x=1.png", tmp_path)):
-        result = ok(tool("predict.py", ["--checkpoint", folder_run, given], tmp_path, cwd=cwd))
+        result = ok(tool("predict.py", ["--checkpoint", folder_run, given], tmp_path, cwd=cwd), clean=True)
         lines = result.stdout.splitlines()
         assert len(lines) == 1 and lines[0].split("\t")[0].endswith("x=1.png"), result.stdout
-    line = one_line(tool("predict.py", ["--checkpoint", folder_run, "y=2.png"], tmp_path, cwd=tmp_path))
+    line = error_line(tool("predict.py", ["--checkpoint", folder_run, "y=2.png"], tmp_path, cwd=tmp_path))
     assert "y=..." in line, line  # a `key=value` that names no file is still an override, which predict refuses
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e309"])
 def test_doctor_refuses_a_timeout_that_is_not_a_finite_number(tmp_path, value):
     """Before: a traceback (OverflowError) or a false "rank 0 did not start". Now a bad flag, exit 2."""
-    line = one_line(tool("doctor.py", ["--timeout", value], tmp_path))
+    line = error_line(tool("doctor.py", ["--timeout", value], tmp_path))
     assert "--timeout" in line and value in line, line
 
 
@@ -98,7 +85,7 @@ def test_doctor_at_a_short_timeout_names_the_rank_that_never_started(tmp_path):
     env = clean_env(tmp_path, RANK=0, WORLD_SIZE=2, LOCAL_RANK=0, LOCAL_WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
                     MASTER_PORT=free_port())
     result = tool("doctor.py", ["--timeout", "0.5"], tmp_path, env=env, timeout=60)
-    line = one_line(result, code=3)
+    line = error_line(result, code=3)
     assert "rank 1 of world size 2 never joined" in line and "rank 0" not in line, line
 
 
@@ -115,14 +102,14 @@ def test_sweep_task_names_never_collide(tmp_path, roots):
     task's own name ("a_b-0"): two tasks shared a run directory. Every task now has a name of its own, and
     the same sweep listed again gives the same names."""
     sweep = {"name": "col", "config": "mnist", "fixed": {"train.epochs": 1}, "grid": {"data.root": roots}}
-    listing = ok(sweep_listing(tmp_path, sweep)).stdout
+    listing = ok(sweep_listing(tmp_path, sweep), clean=True).stdout
     names = re.findall(r"^\s*task \d+\s+(\S+)", listing, re.M)
     assert len(names) == len(roots) and len(set(names)) == len(roots), listing
-    assert re.findall(r"^\s*task \d+\s+(\S+)", ok(sweep_listing(tmp_path, sweep)).stdout, re.M) == names
+    assert re.findall(r"^\s*task \d+\s+(\S+)", ok(sweep_listing(tmp_path, sweep), clean=True).stdout, re.M) == names
 
 
 def test_a_sweep_listing_the_same_set_twice_is_refused(tmp_path):
     """Two identical override sets would be the same run in one directory: refused before anything runs."""
     sweep = {"name": "dup", "config": "digits", "runs": [{"optim.lr": 0.1}, {"optim.lr": 0.1}]}
-    line = one_line(sweep_listing(tmp_path, sweep))
+    line = error_line(sweep_listing(tmp_path, sweep))
     assert "tasks 0 and 1" in line and "optim.lr=0.1" in line, line

@@ -83,18 +83,20 @@ COMMON = ["--config", "digits", "model.name=simple_cnn", "model.kwargs={width: 4
           "log.plot=false", "train.limit_train_steps=6"]
 
 
-def ok(result, label: str | None = None):
-    """`result` (a CompletedProcess or an in-process MainResult) after asserting exit code 0; the failure
-    message shows `label` and the ends of stdout and stderr."""
-    assert result.returncode == 0, (f"{label or 'command'} exited {result.returncode}\n--- stdout\n"
-                                    f"{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}")
+def ok(result, label: str | None = None, clean: bool = False):
+    """`result` (a CompletedProcess or an in-process MainResult) after asserting exit code 0 (and, `clean`,
+    that no traceback was printed); the failure message shows `label` and the ends of stdout and stderr."""
+    output = f"--- stdout\n{result.stdout[-4000:]}\n--- stderr\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, f"{label or 'command'} exited {result.returncode}\n{output}"
+    assert not clean or "Traceback" not in result.stdout + result.stderr, output
     return result
 
 
-def error_line(result) -> str:
-    """The single stderr line of a failed run; asserts exit 2, no traceback and nothing else on stderr."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
+def error_line(result, code: int = 2) -> str:
+    """The single stderr line of a failed run; asserts the exit code (2: bad input, 3: a lost rank), no
+    traceback anywhere and nothing else on stderr."""
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
