@@ -124,3 +124,17 @@ def rewrap_ddp(model, acc):
 def freeze_entries(freeze: list[str] | str) -> list[str]:
     """model.freeze as a list (a single prefix or `backbone` may be given as a string)."""
     return [freeze] if isinstance(freeze, str) and freeze else list(freeze or [])
+
+
+def fine_tuning(model: nn.Module, model_name: str, num_classes: int, freeze: list[str] | str, unfreeze_epoch: int,
+                backbone_lr_factor: float):
+    """(model.freeze applied, or None; the classifier head where the backbone is frozen or has its own lr)."""
+    entries = freeze_entries(freeze)
+    head = None
+    if entries == [BACKBONE] or backbone_lr_factor != 1:
+        head = classifier_head(model, num_classes, model_name)
+    if not entries:
+        return None, head
+    freezing = Freezing(model, entries, head, unfreeze_epoch, model_name)
+    freezing.freeze()
+    return freezing, head

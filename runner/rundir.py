@@ -157,6 +157,24 @@ class RunDir:
         self.lock.acquire()
         return self.finished_summary(cfg)
 
+    def take_everywhere(self, cfg, acc) -> dict | None:
+        """`take` on the main rank; every rank learns its decision (finished, or refused), so that all stop
+        or all go on."""
+        from accelerate.utils import broadcast_object_list
+
+        decision = [None]
+        if is_main_rank():
+            try:
+                decision = [("finished", self.take(cfg))]
+            except UserError as e:
+                decision = [("refused", str(e))]
+        if acc.num_processes > 1:
+            broadcast_object_list(decision)
+        outcome, value = decision[0]
+        if outcome == "refused":
+            raise UserError(value)
+        return value
+
     def finished_summary(self, cfg) -> dict | None:
         """The stored summary of a run that already finished as this same experiment and length (epochs,
         max_steps), or None. Running it again must change nothing. More epochs after a schedule that has

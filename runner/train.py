@@ -21,7 +21,7 @@ from runner import preemption  # noqa: E402
 from runner.cli import Command  # noqa: E402
 from runner.context import RunContext  # noqa: E402
 from runner.distributed import is_main_rank  # noqa: E402
-from runner.errors import EXIT_PREEMPTED, UserError  # noqa: E402
+from runner.errors import EXIT_PREEMPTED  # noqa: E402
 from runner.plan import Config, Plan  # noqa: E402
 from runner.rundir import RunDir, fingerprint  # noqa: E402
 from runner.state import PREEMPTED, RunState  # noqa: E402
@@ -61,7 +61,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
         enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
                            accelerate_trackers(cfg.log.trackers) if run_dir.enabled else [])
-    finished = take_run_dir(run_dir, cfg, acc)
+    finished = run_dir.take_everywhere(cfg, acc)
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size
@@ -87,25 +87,6 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
     acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
     acc.end_training()
     return 0
-
-
-def take_run_dir(run_dir: RunDir, cfg: Config, acc) -> dict | None:
-    """The main rank takes the run directory's lock and decides under it whether the run has finished
-    (RunDir.take); every rank learns that decision, or the refusal, so that all stop or all go on."""
-    from accelerate.utils import broadcast_object_list
-
-    decision = [None]
-    if is_main_rank():
-        try:
-            decision = [("finished", run_dir.take(cfg))]
-        except UserError as e:
-            decision = [("refused", str(e))]
-    if acc.num_processes > 1:
-        broadcast_object_list(decision)
-    outcome, value = decision[0]
-    if outcome == "refused":
-        raise UserError(value)
-    return value
 
 
 def load_data(cfg: Config, plan: Plan, acc, scan):
@@ -136,6 +117,7 @@ def build_training(ctx: RunContext, splits):
 
     from runner.distributed import cpu_threads
     from runner.ema import EmaWeights
+    from runner.finetune import fine_tuning
     from runner.model import build_model, flops_per_sample
     from runner.optim import build_optimizer
     from runner.schedule import build_scheduler
@@ -149,28 +131,14 @@ def build_training(ctx: RunContext, splits):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # The average starts from the initial weights, a plain float32 copy made before any wrapper.
     ema = EmaWeights(model, cfg.train.ema_decay, ctx.acc.device) if cfg.train.ema_decay else None
-    freezing, head = fine_tuning(cfg, model, splits.num_classes)
+    freezing, head = fine_tuning(model, cfg.model.name, splits.num_classes, cfg.model.freeze, cfg.model.unfreeze_epoch,
+                                 cfg.optim.backbone_lr_factor)
     optimizer = build_optimizer(model, cfg.optim, head)
     scheduler = build_scheduler(optimizer, cfg.schedule, plan.schedule_steps, plan.steps_per_epoch)
     if cfg.model.compile:  # before prepare: compiling after the DDP wrap can crash
         model = torch.compile(model)
     model, optimizer, scheduler = ctx.acc.prepare(model, optimizer, scheduler)
     return model, optimizer, scheduler, flops, freezing, ema
-
-
-def fine_tuning(cfg: Config, model, num_classes: int):
-    """(model.freeze applied, or None; the classifier head where the backbone is frozen or has its own lr)."""
-    from runner.finetune import BACKBONE, Freezing, classifier_head, freeze_entries
-
-    entries = freeze_entries(cfg.model.freeze)
-    head = None
-    if entries == [BACKBONE] or cfg.optim.backbone_lr_factor != 1:
-        head = classifier_head(model, num_classes, cfg.model.name)
-    if not entries:
-        return None, head
-    freezing = Freezing(model, entries, head, cfg.model.unfreeze_epoch, cfg.model.name)
-    freezing.freeze()
-    return freezing, head
 
 
 def resume(ctx: RunContext, checkpoints, splits) -> RunState:
