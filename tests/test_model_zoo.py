@@ -234,10 +234,15 @@ def test_a_scalar_image_size_resizes_on_both_data_paths_alike(train_main):
 
 
 @pytest.mark.slow
-def test_a_timm_model_ends_the_same_on_one_and_two_processes(images, tmp_path):
-    """timm:test_vit (LayerNorm, no BatchNorm) under torchrun: the same weights as one process."""
-    args = folder_args(images, tmp_path, "model.name=timm:test_vit", "model.kwargs={img_size: 16, patch_size: 4}",
-                       "optim.name=sgd", "optim.lr=0.05")
+@pytest.mark.parametrize("model", [
+    # LayerNorm, no BatchNorm
+    ["model.name=timm:test_vit", "model.kwargs={img_size: 16, patch_size: 4}"],
+    # No BatchNorm (per-rank statistics differ by design), no dropout (per-rank draws); resized to fit its pools
+    ["model.name=torchvision:squeezenet1_1", "model.kwargs={dropout: 0.0}", "data.image_size=32"],
+], ids=["timm", "torchvision"])
+def test_a_library_model_ends_the_same_on_one_and_two_processes(images, tmp_path, model):
+    """A timm and a torchvision model under torchrun: the same weights as one process."""
+    args = folder_args(images, tmp_path, *model, "optim.name=sgd", "optim.lr=0.05")
     env = clean_env(tmp_path, HF_HUB_OFFLINE=1)
     for name, launcher in (("one", None), ("two", torchrun(2))):
         done = run_train(args + [f"run.name={name}"], tmp_path, launcher=launcher, env=env)
