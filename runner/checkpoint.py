@@ -140,8 +140,7 @@ class Checkpointer:
 
     def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log=print, ema=None):
         self.accelerator, self.cfg, self.log, self.ema = accelerator, cfg, log, ema
-        self.enabled = run_dir.enabled
-        self.dir = run_dir.checkpoints
+        self.run_dir, self.enabled, self.dir = run_dir, run_dir.enabled, run_dir.checkpoints
 
     def due(self, step: int, epoch: int, epoch_done: bool) -> bool:
         if not self.enabled:
@@ -213,7 +212,7 @@ class Checkpointer:
             if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
-    def resume(self, resume: str, fingerprint: dict) -> tuple[Path, RunState] | None:
+    def resume(self, resume: str) -> tuple[Path, RunState] | None:
         """Load the checkpoint to resume from, if any: `auto` takes the newest one that verifies and loads,
         falling back (and saying so) past bad ones; a path or handle must verify and load; `none` starts
         fresh. A checkpoint of another experiment (fingerprint) is refused, never skipped."""
@@ -221,11 +220,11 @@ class Checkpointer:
             return None
         if resume != "auto":
             path = find(resume)
-            check_fingerprint(read_manifest(path)["fingerprint"], fingerprint, path)
+            check_fingerprint(read_manifest(path)["fingerprint"], self.run_dir.experiment, self.run_dir.defaults, path)
             return path, self.load(path)
         for path in reversed(self.complete()):
             try:
-                check_fingerprint(verify(path)["fingerprint"], fingerprint, path)
+                check_fingerprint(verify(path)["fingerprint"], self.run_dir.experiment, self.run_dir.defaults, path)
                 return path, self.load(path)
             except FingerprintError:
                 raise

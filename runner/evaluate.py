@@ -24,7 +24,7 @@ from runner.data.identity import KEY as DATA_IDENTITY  # noqa: E402
 from runner.ema import choose_weights, load_chosen_weights  # noqa: E402
 from runner.errors import UserError  # noqa: E402
 from runner.plan import Config, load_run_config  # noqa: E402
-from runner.rundir import check_fingerprint, fingerprint  # noqa: E402
+from runner.rundir import check_fingerprint, default_fingerprint, fingerprint  # noqa: E402
 
 
 def evaluate(options: dict, overrides: list) -> int:
@@ -35,7 +35,7 @@ def evaluate(options: dict, overrides: list) -> int:
     cfg = load_run_config(run_dir, overrides)
     saved = read_manifest(checkpoint)["fingerprint"]
     saved.pop(DATA_IDENTITY, None)  # evaluating on other data of the same config is allowed: a new test set
-    check_fingerprint(saved, fingerprint(cfg), checkpoint)
+    check_fingerprint(saved, fingerprint(cfg), default_fingerprint(cfg), checkpoint)
     weights = choose_weights(checkpoint, options.get("--weights"))
     import torch
 

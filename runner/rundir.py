@@ -59,9 +59,17 @@ def fingerprint(cfg, data_identity=None) -> dict:
     return {**{k: v for k, v in flatten(dataclasses.asdict(cfg)).items() if k in keys}, DATA_IDENTITY: data_identity}
 
 
-def stored_fingerprint(run_dir: Path, keys) -> dict | None:
+def default_fingerprint(cfg) -> dict:
+    """The fingerprint of a default config. A key a run's stored config or manifest lacks was added to the
+    runner after the run was written, and the run did what the key's default does (a new key's default keeps
+    the old behaviour): completed with it, an older run stays the same experiment. The data identity has no
+    default (None: not recorded)."""
+    return fingerprint(type(cfg)())
+
+
+def stored_fingerprint(run_dir: Path, current: dict, defaults: dict) -> dict | None:
     """The fingerprint a run directory was written with (None: no config there): from its config.yaml, and
-    the data identity from its data.json."""
+    the data identity from its data.json; keys it lacks take their defaults."""
     try:
         raw = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -72,7 +80,7 @@ def stored_fingerprint(run_dir: Path, keys) -> dict | None:
         flat[DATA_IDENTITY] = card.get("identity") if isinstance(card, dict) else None
     except (OSError, ValueError):
         pass
-    return {k: flat.get(k) for k in keys}
+    return {k: flat.get(k, defaults.get(k)) for k in current}
 
 
 def differences(saved: dict, current: dict) -> list[str]:
@@ -82,15 +90,15 @@ def differences(saved: dict, current: dict) -> list[str]:
             else f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing]
 
 
-def check_fingerprint(saved: dict, current: dict, where: Path) -> None:
-    differing = differences(saved, current)
+def check_fingerprint(saved: dict, current: dict, defaults: dict, where: Path) -> None:
+    differing = differences({**defaults, **saved}, current)
     if differing:
         raise FingerprintError(f"{where} was written with a different config ({'; '.join(differing[:8])}); use "
                                f"another run.name (or none, to get a fresh one), or resume=none run.overwrite=true "
                                f"to start over")
 
 
-def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[Path, str | None]:
+def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict, defaults: dict) -> tuple[Path, str | None]:
     """(run directory, a line to print or None). An explicit run.name is used as is; the default name
     moves on to `<name>-2`, `-3`, ... past directories that hold another experiment."""
     root = Path(cfg.root)
@@ -100,10 +108,10 @@ def resolve_run_dir(cfg: RunConfig, config_label: str, current: dict) -> tuple[P
         return root / cfg.name, None
     job = slurm_job_id()
     base = f"{config_label}-{job}" if job else config_label  # stable across requeues and restarts
-    first = stored_fingerprint(root / base, current)
+    first = stored_fingerprint(root / base, current, defaults)
     for n in range(1, 10_000):
         run_dir = root / (base if n == 1 else f"{base}-{n}")
-        saved = first if n == 1 else stored_fingerprint(run_dir, current)
+        saved = first if n == 1 else stored_fingerprint(run_dir, current, defaults)
         if saved is None or saved == current:
             note = None if n == 1 else (f"{root / base} holds a run with other training keys "
                                         f"({'; '.join(differences(first, current)[:8])}); this run is "
@@ -116,17 +124,19 @@ class RunDir:
     """Where a run writes, and whether it writes at all. The main process claims it (lock and resume policy)
     before anything is written there and releases it at the end; every write goes through it."""
 
-    def __init__(self, path: Path | None, experiment: dict, note: str | None = None):
-        self.path, self.experiment, self.note = path, experiment, note
+    def __init__(self, path: Path | None, experiment: dict, defaults: dict, note: str | None = None):
+        self.path, self.experiment, self.defaults, self.note = path, experiment, defaults, note
         self.enabled = path is not None
         self.lock = RunLock(path) if self.enabled else None
 
     @classmethod
-    def resolve(cls, cfg: RunConfig, config_label: str, experiment: dict, writes: bool) -> "RunDir":
+    def resolve(cls, cfg, config_label: str, data_identity, writes: bool) -> "RunDir":
+        """The run directory of the root config `cfg` (its experiment: the fingerprint with the data's identity)."""
+        experiment, defaults = fingerprint(cfg, data_identity), default_fingerprint(cfg)
         if not writes:
-            return cls(None, experiment)
-        path, note = resolve_run_dir(cfg, config_label, experiment)
-        return cls(path, experiment, note)
+            return cls(None, experiment, defaults)
+        path, note = resolve_run_dir(cfg.run, config_label, experiment, defaults)
+        return cls(path, experiment, defaults, note)
 
     def __str__(self) -> str:
         return str(self.path) if self.enabled else "(fast_dev_run: nothing is written)"
@@ -179,7 +189,7 @@ class RunDir:
         """The stored summary of a run that already finished as this same experiment and length (epochs,
         max_steps), or None. Running it again must change nothing. More epochs after a schedule that has
         ended re-plan it, which the run's header says (see replanned_note)."""
-        if cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment) != self.experiment:
+        if cfg.resume != "auto" or stored_fingerprint(self.path, self.experiment, self.defaults) != self.experiment:
             return None
         try:
             summary = json.loads((self.path / "summary.json").read_text())

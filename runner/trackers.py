@@ -87,6 +87,10 @@ class MLflowRun:
         """Preempted: the run continues in a later segment."""
         self.client.set_terminated(self.run_id, "KILLED")
 
+    def fail(self) -> None:
+        """The run stopped on an error (exit 2 or 3): marked so, not left running."""
+        self.client.set_terminated(self.run_id, "FAILED")
+
 
 class WandbRun:
     name = "wandb"
@@ -118,6 +122,9 @@ class WandbRun:
 
     def suspend(self) -> None:
         self.run.finish(exit_code=75)
+
+    def fail(self) -> None:
+        self.run.finish(exit_code=1)
 
 
 TRACKER_CLASSES = {"mlflow": MLflowRun, "wandb": WandbRun}
@@ -188,6 +195,11 @@ class Trackers:
     def suspend(self) -> None:
         for tracker in list(self.active):
             self.call(tracker, "suspend")
+        self.active = []
+
+    def fail(self) -> None:
+        for tracker in list(self.active):
+            self.call(tracker, "fail")
         self.active = []
 
     def report(self) -> str | None:

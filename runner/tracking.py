@@ -7,6 +7,7 @@ only on errors.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -39,8 +40,9 @@ class LogConfig:
     peak_tflops: float = setting(0.0, min=0.0)           # per-device peak for MFU (0: known GPUs only)
 
 
-def check_trackers(cfg: LogConfig) -> None:
-    """Against Accelerate's list, plus what MLflow and W&B need, before anything starts."""
+def check_trackers(cfg: LogConfig, writes: bool) -> None:
+    """Against Accelerate's list, plus what MLflow and W&B need (for a run that writes: a fast_dev_run
+    starts no tracker), before anything starts."""
     import os
 
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
@@ -52,7 +54,7 @@ def check_trackers(cfg: LogConfig) -> None:
     missing = check_installed(cfg.trackers)
     if missing:
         raise ConfigError(f"log.trackers: {missing[0]} is not installed; pip install -e '.[track]'")
-    if "mlflow" in cfg.trackers and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+    if writes and "mlflow" in cfg.trackers and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError("log.trackers=[mlflow] needs a server: set MLFLOW_TRACKING_URI or log.tracking_uri")
 
 
@@ -108,6 +110,18 @@ class RunLog:
         self.tracker_config = (run_dir.name, flat)
         if self.main and run_dir.enabled:
             self.trackers.start(run_dir, flat)
+
+    @contextlib.contextmanager
+    def tracking(self, run_dir, config: dict):
+        """The trackers, started now (start_trackers) and ended by end_trackers; a run that stops on an error
+        marks its tracker runs failed instead of leaving them running."""
+        self.start_trackers(run_dir, config)
+        try:
+            yield
+        except BaseException:
+            if self.main:
+                self.trackers.fail()
+            raise
 
     def end_trackers(self, summary: dict | None, files: list[Path] = ()) -> None:
         """Finished (summary: the best metric and the run's files go to the tracker run) or preempted

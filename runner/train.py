@@ -23,7 +23,7 @@ from runner.context import RunContext  # noqa: E402
 from runner.distributed import is_main_rank  # noqa: E402
 from runner.errors import EXIT_PREEMPTED  # noqa: E402
 from runner.plan import Config, Plan  # noqa: E402
-from runner.rundir import RunDir, fingerprint  # noqa: E402
+from runner.rundir import RunDir  # noqa: E402
 from runner.state import PREEMPTED, RunState  # noqa: E402
 
 
@@ -35,8 +35,7 @@ def train(cfg: Config, config_label: str, started: float) -> int:
     plan = Plan.resolve(cfg, launched_world_size())
     record_weights_identity(cfg.model)  # before the fingerprint: a changed weights file is another experiment
     identity = data_identity(cfg.data)  # on every rank: a listing of the files, no image decoded
-    run_dir = RunDir.resolve(cfg.run, config_label, fingerprint(cfg, identity.value),
-                             writes=not cfg.train.fast_dev_run)
+    run_dir = RunDir.resolve(cfg, config_label, identity.value, writes=not cfg.train.fast_dev_run)
     try:
         return run(cfg, plan, run_dir, identity, started)
     finally:
@@ -56,7 +55,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
     from runner.throughput import Throughput, device_peak_flops
     from runner.tracking import RunLog, accelerate_trackers, check_trackers
 
-    check_trackers(cfg.log)
+    check_trackers(cfg.log, writes=run_dir.enabled)
     if cfg.dist.debug:
         enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
@@ -73,20 +72,20 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
     checkpoints = Checkpointer(acc, run_dir, cfg.checkpoint, ctx.log.info, ema)
     state = resume(ctx, checkpoints, splits)
     ctx = resume_micro_batch(ctx, batches, state.micro_batch)  # auto: the micro batch that last fit
-    ctx.log.start_trackers(run_dir, configlib.to_dict(cfg))
-    announce(ctx, splits, model, flops, freezing)
-    speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
-    trainer = Trainer(ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
-                      validation=Validation(cfg.eval, ctx, batches, splits, ema), checkpoints=checkpoints,
-                      state=state, speed=speed, segment_started=started, freezing=freezing, ema=ema)
-    outcome = trainer.run()
-    if outcome == PREEMPTED:
-        return preempted_exit(ctx, checkpoints, state)
-    final = final_evaluation(trainer, splits)
-    write_summary(ctx, trainer, final, outcome)
-    acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
-    acc.end_training()
-    return 0
+    with ctx.log.tracking(run_dir, configlib.to_dict(cfg)):
+        announce(ctx, splits, model, flops, freezing)
+        speed = Throughput(acc.device, plan.world, flops, device_peak_flops(acc.device, cfg.log.peak_tflops))
+        trainer = Trainer(ctx=ctx, model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
+                          validation=Validation(cfg.eval, ctx, batches, splits, ema), checkpoints=checkpoints,
+                          state=state, speed=speed, segment_started=started, freezing=freezing, ema=ema)
+        outcome = trainer.run()
+        if outcome == PREEMPTED:
+            return preempted_exit(ctx, checkpoints, state)
+        final = final_evaluation(trainer, splits)
+        write_summary(ctx, trainer, final, outcome)
+        acc.wait_for_everyone()  # a rank that tears its process group down while another still writes can abort
+        acc.end_training()
+        return 0
 
 
 def load_data(cfg: Config, plan: Plan, acc, scan):
@@ -151,7 +150,7 @@ def resume(ctx: RunContext, checkpoints, splits) -> RunState:
     run_dir.claim(cfg.resume, cfg.run.overwrite, bool(checkpoints.complete()))
     checkpoints.remove_stale_temporaries()
     acc.wait_for_everyone()
-    resumed = checkpoints.resume(cfg.resume, run_dir.experiment)
+    resumed = checkpoints.resume(cfg.resume)
     acc.wait_for_everyone()  # every rank has read the checkpoint before any file is moved
     if resumed is not None:
         checkpoints.branch_from(resumed[0])

@@ -16,6 +16,7 @@ import pytest
 
 from runner.errors import UserError
 from runner.checkpoint import CheckpointConfig, Checkpointer
+from runner.plan import Config
 from runner.rundir import RunConfig, RunDir, RunLock
 
 from tests.dist_helpers import Background, wait_for_train_record
@@ -128,8 +129,7 @@ def test_resume_none_refuses_to_overwrite_unless_told(reference, tmp_path, train
 HOLD_LOCK = """
 import sys
 from pathlib import Path
-from runner.checkpoint import CheckpointConfig, Checkpointer
-from runner.rundir import RunConfig, RunDir, RunLock
+from runner.rundir import RunLock
 
 RunLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
@@ -234,8 +234,8 @@ def test_run_lock_empty_or_garbled(tmp_path, body):
 
 def test_a_run_that_writes_nothing_has_a_disabled_run_directory(tmp_path):
     """fast_dev_run: the RunDir says so itself, writes nothing and its checkpointer is never due."""
-    cfg = RunConfig(root=str(tmp_path / "runs"))
-    run_dir = RunDir.resolve(cfg, "digits", {"k": 1}, writes=False)
+    cfg = Config(run=RunConfig(root=str(tmp_path / "runs")))
+    run_dir = RunDir.resolve(cfg, "digits", None, writes=False)
     assert not run_dir.enabled and str(run_dir) == "(fast_dev_run: nothing is written)"
     assert run_dir.metrics_file is None and run_dir.checkpoints is None
     run_dir.claim("auto", False, False)
@@ -243,11 +243,31 @@ def test_a_run_that_writes_nothing_has_a_disabled_run_directory(tmp_path):
     run_dir.release()
     checkpoints = Checkpointer(None, run_dir, CheckpointConfig(every_steps=1, every_epochs=1))
     assert not any(checkpoints.due(step, 1, True) for step in range(1, 5))
-    assert checkpoints.resume("auto", {"k": 1}) is None and checkpoints.complete() == []
+    assert checkpoints.resume("auto") is None and checkpoints.complete() == []
     assert not (tmp_path / "runs").exists()
-    written = RunDir.resolve(cfg, "digits", {"k": 1}, writes=True)
+    written = RunDir.resolve(cfg, "digits", None, writes=True)
     written.claim("auto", False, False)
     written.write("summary.json", "{}")
     assert (tmp_path / "runs" / "digits" / "summary.json").read_text() == "{}"
     assert Checkpointer(None, written, CheckpointConfig(every_steps=2, every_epochs=0)).due(4, 0, False)
     written.release()
+
+
+def test_a_run_written_before_a_key_existed_is_the_same_experiment(tmp_path, train_main):
+    """A fingerprint key the runner gained later (here train.ema_decay and optim.backbone_lr_factor) is absent
+    from an older run's config.yaml and checkpoint manifest: it counts as its default, so the run continues in
+    its own directory instead of being refused or moved to <name>-2."""
+    args = DIGITS + ["train.epochs=2", "train.limit_train_steps=4"]
+    ok(train_main(args + ["train.max_steps=2"]))
+    run_dir = tmp_path / "runs" / "digits"
+    newer = ("train.ema_decay", "optim.backbone_lr_factor")
+    config = (run_dir / "config.yaml").read_text().splitlines()
+    (run_dir / "config.yaml").write_text("".join(line + "\n" for line in config
+                                                 if line.strip().split(":")[0] not in ("ema_decay", "backbone_lr_factor")))
+    for manifest in (run_dir / "checkpoints").glob("step_*/manifest.json"):
+        written = json.loads(manifest.read_text())
+        written["fingerprint"] = {k: v for k, v in written["fingerprint"].items() if k not in newer}
+        manifest.write_text(json.dumps(written))
+    continued = ok(train_main(args))
+    assert "resumed from" in continued.stdout and "other training keys" not in continued.stdout
+    assert not (tmp_path / "runs" / "digits-2").exists() and summary(run_dir)["steps"] == 8

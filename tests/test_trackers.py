@@ -177,6 +177,25 @@ def test_an_unreachable_tracker_is_one_line_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_that_stops_on_an_error_marks_its_mlflow_run_failed(mlflow_server, tmp_path):
+    """A non-finite loss ends the run with exit 2: its MLflow run is FAILED, not left RUNNING."""
+    args = TRAIN + ["run.name=diverged", "optim.lr=1e38", "log.plot=false", f"run.root={tmp_path / 'runs'}"]
+    result = subprocess.run([PYTHON, str(REPO / "runner/train.py"), *args], cwd=REPO,
+                            env=env_for(tmp_path, mlflow_server.uri), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "non-finite training loss" in result.stderr, result.stderr[-3000:]
+    assert the_run(mlflow_server, "diverged").info.status == "FAILED"
+
+
+def test_a_fast_dev_run_needs_no_tracker_server(train_main, monkeypatch):
+    """A fast_dev_run starts no tracker, so log.trackers=[mlflow] without a server is no error there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = train_main(["--config", "digits", "train.fast_dev_run=2", "log.trackers=[mlflow]", "log.plot=false"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    refused = train_main(["--config", "digits", "train.max_steps=2", "log.trackers=[mlflow]", "log.plot=false"])
+    assert refused.returncode == 2 and "needs a server" in refused.stderr
+
+
+@pytest.mark.slow
 def test_a_server_killed_mid_run_leaves_the_run_finishing(mlflow_server, tmp_path):
     run_dir = tmp_path / "runs" / "orphan"
     launch = start(TRAIN + ["run.name=orphan", "log.plot=false"], tmp_path, env_for(tmp_path, mlflow_server.uri))
