@@ -243,7 +243,8 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK
-        self.held = self.created_dir = False
+        self.held = False
+        self.created: list[Path] = []  # the folders acquire made (the run directory, and run.root if new)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": slurm_job_id(),
                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -289,7 +290,7 @@ class RunLock:
         return True
 
     def acquire(self) -> None:
-        self.created_dir = not self.path.parent.exists()
+        self.created = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.link_or_refuse()
@@ -313,8 +314,11 @@ class RunLock:
         raise UserError(f"cannot take the lock {self.path}: another process keeps taking it")
 
     def remove_created_dir(self) -> None:
-        if self.created_dir and self.path.parent.is_dir() and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()  # a run refused before it wrote anything leaves nothing behind
+        """A run refused or failed before it wrote anything leaves nothing behind, run.root included."""
+        for folder in self.created:  # innermost first
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
 
     def release(self) -> None:
         if self.held:
