@@ -53,7 +53,9 @@ def install() -> None:
     """Called before torch is imported: a signal during the slow startup is kept, not fatal."""
     global launcher_pid
     for sig in SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # `nohup` and a shell's background jobs ignore SIGINT: keep that
+        # `nohup` and a shell's background jobs ignore SIGINT: keep that. A stop signal is always ours, even
+        # when a wrapper ignored it for itself (launch/slurm_task.sh ignores USR1 so that the shell survives).
+        if sig != signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN:
             signal.signal(sig, handle)
     # Under torchrun or accelerate launch, a launcher that dies (a SIGUSR1 kills it at once) leaves its ranks
     # running unobserved: they notice that their parent changed and stop as if signalled.
