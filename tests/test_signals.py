@@ -75,18 +75,23 @@ def test_the_same_signal_repeated_while_stopping_is_one_event(tmp_path, sig):
     assert f"stopped by {signal.Signals(sig).name}" in out and checkpoints(run_dir), out[-3000:]
 
 
+def ctrl_c_at_step_3(args: list[str], run_dir, tmp_path, launcher=None, timeout: float = 120):
+    """(the process, its output) after a terminal's Ctrl-C (SIGINT to the process group) at step 3."""
+    proc = start(args, tmp_path, launcher=launcher)
+    try:
+        wait_for_step(run_dir, 3, proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc, proc.communicate(timeout=timeout)[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+
+
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_run_resumes(tmp_path):
     """The first Ctrl-C (SIGINT to the process group) stops like a preemption without requeue: a checkpoint
     at the next optimizer step, exit 130; the next start resumes from it."""
     run_dir = tmp_path / "runs" / "ctrlc"
     args = LONG + ["run.name=ctrlc"]
-    proc = start(args, tmp_path)
-    try:
-        wait_for_step(run_dir, 3, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=120)[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    proc, out = ctrl_c_at_step_3(args, run_dir, tmp_path)
     assert proc.returncode == 130, f"exit {proc.returncode}:\n{out[-3000:]}"
     assert "Traceback" not in out and "stopped by SIGINT" in out, out[-3000:]
     saved = checkpoints(run_dir)
@@ -124,13 +129,7 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank(tmp_path):
     the ranks count it once, agree, save one checkpoint and stop; the run resumes from it."""
     run_dir = tmp_path / "runs" / "ctrlc2"
     args = LONG + ["run.name=ctrlc2"]
-    proc = start(args, tmp_path, launcher=torchrun(2))
-    try:
-        wait_for_step(run_dir, 3, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        out = proc.communicate(timeout=180)[0]
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    _, out = ctrl_c_at_step_3(args, run_dir, tmp_path, launcher=torchrun(2), timeout=180)
     assert "stopped by SIGINT" in out and 'runner/train.py", line' not in out, out[-3000:]
     assert "interrupted" not in out, out[-3000:]
     saved = checkpoints(run_dir)
