@@ -155,6 +155,10 @@ class Checkpointer:
                  and (p / MANIFEST).is_file()]
         return sorted(found, key=lambda p: p.name)
 
+    def newest(self) -> str:
+        """The newest complete checkpoint, as an error line names it ("none" before the first)."""
+        return str((self.complete() or ["none"])[-1])
+
     def remove_stale_temporaries(self) -> None:
         """A save killed half-way leaves `.tmp-*`; nothing reads them. Main process, run dir locked."""
         if self.enabled and is_main_rank() and self.dir.is_dir():

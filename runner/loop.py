@@ -155,9 +155,9 @@ class Trainer:
         self.memory.drop_window(self.optimizer.optimizer)
         ranks = ", ".join(map(str, failed))
         if plan.micro_batch == 1:
-            last = (self.checkpoints.complete() or ["none"])[-1]
             raise does_not_fit(self.ctx.cfg.model.name, (1, *input_shape), failed,
-                               peak_memory_per_rank(self.ctx.acc.device), state.global_step + 1, str(last))
+                               peak_memory_per_rank(self.ctx.acc.device), state.global_step + 1,
+                               self.checkpoints.newest())
         smaller = plan.with_micro_batch(plan.fitting_micro_batch(plan.micro_batch // 2))
         self.ctx.log.info(f"out of memory at micro batch {plan.micro_batch} on rank {ranks}: micro "
                           f"{smaller.micro_batch} x accumulation {smaller.accumulation} from step "
@@ -201,7 +201,7 @@ class Trainer:
     def settle(self, agreed: list[Agreed]) -> None:
         for a in agreed:
             if not math.isfinite(a.train_loss):
-                last = (self.checkpoints.complete() or ["none"])[-1]
+                last = self.checkpoints.newest()
                 raise UserError(f"non-finite training loss at step {a.step} (epoch {self.state.epoch + 1}); "
                                 f"stopped without saving; last good checkpoint: {last}")
             self.train_loss = a.train_loss
