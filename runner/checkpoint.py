@@ -6,7 +6,8 @@ A checkpoint is written by all ranks into `checkpoints/.tmp-step_N`, then the ma
 `ema.safetensors` (every rank holds the same one), listed in the manifest like every file. A directory is
 resumed from only if its manifest is well-formed, lists every file in the directory and every file a load
 reads, and each file matches it. `checkpoints/last` and `checkpoints/best` are symlinks to the newest and
-the best checkpoint.
+the best checkpoint. A checkpoint pruned by keep_last is renamed to a `.tmp-` name before it is removed, so
+that a kill at any moment leaves each `step_N` whole.
 """
 from __future__ import annotations
 
@@ -214,7 +215,10 @@ class Checkpointer:
             keep.add(state.best_checkpoint)
         for p in self.complete():
             if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
+                # Renamed first: a kill -9 during the removal leaves a temporary, never a step_N missing files.
+                doomed = p.with_name(f".tmp-removed-{p.name}")
+                os.rename(p, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
 
     def resume(self, resume: str) -> tuple[Path, RunState] | None:
         """Load the checkpoint to resume from, if any: `auto` takes the newest one that verifies and loads,

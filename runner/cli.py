@@ -24,16 +24,16 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPER
 PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EIO, errno.ENOENT)
 
 
-def rank_prefix() -> str:
-    """Errors from other ranks say whose they are; the main process speaks plainly."""
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    return f"[rank {rank}] " if rank not in ("", "0") else ""
-
-
-def say_error(message: str) -> None:
-    """One line, whatever the message holds: newlines escaped, the middle of a huge one cut out."""
+def say_error(message: str, rank: int | str | None = None) -> None:
+    """One line, whatever the message holds: newlines escaped, the middle of a huge one cut out. Errors from
+    other ranks say whose they are (`rank` defaults to the launcher's); the main process speaks plainly."""
+    if rank is None:
+        rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    who = f"[rank {rank}] " if str(rank) not in ("", "0") else ""
     line = cut_middle(message.replace("\r", "\\r").replace("\n", "\\n"))
-    print(f"error: {rank_prefix()}{line}", file=sys.stderr, flush=True)
+    # One write, newline included: ranks printing at once must not run their lines together.
+    sys.stderr.write(f"error: {who}{line}\n")
+    sys.stderr.flush()
 
 
 def parse_command_line(argv: list[str], flags: dict[str, str],

@@ -49,7 +49,7 @@ from collections import defaultdict  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
-from runner.cli import Command  # noqa: E402
+from runner.cli import Command, say_error  # noqa: E402
 from runner.errors import EXIT_LOST_RANK, UserError, first_line  # noqa: E402
 
 # torch is imported inside the functions that use it: `--help` and bad flags are answered without it, and
@@ -186,8 +186,7 @@ class Watchdog:
             self.timer.cancel()
 
     def fire(self, failure: str) -> None:
-        who = f"[rank {self.rank}] " if self.rank else ""
-        print(f"error: {who}{failure}", file=sys.stderr, flush=True)
+        say_error(failure, self.rank)
         os._exit(EXIT_LOST_RANK)
 
 
@@ -547,8 +546,7 @@ def run(options: dict, overrides: list) -> int:
         return diagnose(launch, backend, timeout, max_size, iterations, watchdog)
     except Verdict as verdict:
         if verdict.line:
-            who = f"[rank {launch.rank}] " if launch.rank else ""
-            print(f"error: {who}{verdict.line}", file=sys.stderr, flush=True)
+            say_error(verdict.line, launch.rank)
         sys.stdout.flush()
         os._exit(verdict.code)  # a normal exit may block tearing down a half-joined group
 

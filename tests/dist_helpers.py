@@ -54,7 +54,7 @@ class Background:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_for(self, predicate, timeout: float, what: str) -> None:
+    def wait_for(self, predicate, timeout: float, what: str, every: float = 0.1) -> None:
         """Poll `predicate()` until it holds; fail (with the output so far) on timeout or early exit."""
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -62,7 +62,7 @@ class Background:
                 raise AssertionError(f"{what}: the launch exited ({self.proc.returncode}) first\n{self.tail()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: not within {timeout:.0f} s\n{self.tail()}")
-            time.sleep(0.1)
+            time.sleep(every)
 
     def wait(self, timeout: float) -> int | None:
         """The exit status, or None if still running after `timeout` seconds."""

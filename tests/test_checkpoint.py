@@ -243,6 +243,32 @@ def test_stale_temporary_checkpoints_are_removed_at_the_next_start(trained, trai
     assert not any(p.exists() for p in stale), sorted(p.name for p in trained.iterdir())
 
 
+def test_a_pruned_checkpoint_is_never_left_half_removed(tmp_path, monkeypatch):
+    """keep_last prunes the oldest checkpoint; a kill in the middle of its removal (here: the removal stops
+    after its first file) must leave every step_N whole, and the remains a temporary the next start removes."""
+    from runner.checkpoint import CheckpointConfig, Checkpointer
+    from runner.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run", {}, {})
+    for step in (2, 4, 6):
+        write_checkpoint(run_dir.checkpoints / f"step_{step:08d}")
+    checkpointer = Checkpointer(None, run_dir, CheckpointConfig(keep_last=2, keep_best=False))
+
+    def killed_half_way(path, ignore_errors=False):
+        next(p for p in sorted(Path(path).iterdir()) if p.name == MANIFEST).unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(SystemExit):
+        checkpointer.prune(RunState(global_step=6))
+    monkeypatch.undo()
+    left = sorted(p.name for p in run_dir.checkpoints.iterdir())
+    assert left == [".tmp-removed-step_00000002", "step_00000004", "step_00000006"], left
+    assert all(verify(run_dir.checkpoints / name) for name in left[1:])
+    checkpointer.remove_stale_temporaries()
+    assert sorted(p.name for p in run_dir.checkpoints.iterdir()) == ["step_00000004", "step_00000006"]
+
+
 # Verification on its own: a checkpoint directory built here, file by file.
 
 def write_checkpoint(path: Path, **extra_files: bytes) -> Path:

@@ -1,6 +1,7 @@
 """`runner <command> ...`: one command with subcommands (the `runner` entry point and `python -m runner`)."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -62,3 +63,22 @@ def test_runner_train_trains_and_errors_are_the_commands_own(tmp_path):
     bad = runner(["train", "--config", "digits", "optim.lrr=0.1"], tmp_path)
     assert bad.returncode == 2 and bad.stderr.splitlines() == [
         "error: unknown config key optim.lrr; did you mean optim.lr?"], bad.stderr
+
+
+def test_error_lines_from_ranks_printing_at_once_never_run_together(tmp_path):
+    """Every rank of a launch may report the same bad setting at the same moment into one unbuffered stream
+    (launchers set PYTHONUNBUFFERED): each line must arrive whole."""
+    script = ("import sys; from runner.cli import say_error\n"
+              "for i in range(300): say_error('x' * 200 + f' {i}', sys.argv[1])\n")
+    env = {**clean_env(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # Both write into one pipe, as the ranks of a launch share the launcher's stderr.
+    read, write = os.pipe()
+    writers = [subprocess.Popen([PYTHON, "-c", script, str(rank)], cwd=REPO, env=env, stderr=write)
+               for rank in (0, 1)]
+    os.close(write)
+    with open(read, "rb") as stream:
+        lines = stream.read().decode().splitlines()
+    assert all(w.wait(60) == 0 for w in writers)
+    pattern = re.compile(r"error: (\[rank 1\] )?x{200} \d+")
+    assert len(lines) == 600 and all(pattern.fullmatch(line) for line in lines), \
+        [line for line in lines if not pattern.fullmatch(line)][:3]
