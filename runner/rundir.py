@@ -167,15 +167,19 @@ class RunDir:
         self.lock.acquire()
         return self.finished_summary(cfg)
 
-    def take_everywhere(self, cfg, acc) -> dict | None:
-        """`take` on the main rank; every rank learns its decision (finished, or refused), so that all stop
-        or all go on."""
+    def take_everywhere(self, cfg, acc, preflight) -> dict | None:
+        """`take` on the main rank, then, for a run that will train and write, `preflight()` (checks that
+        must pass before anything here changes); every rank learns the decision (finished, or refused), so
+        that all stop or all go on."""
         from accelerate.utils import broadcast_object_list
 
         decision = [None]
         if is_main_rank():
             try:
-                decision = [("finished", self.take(cfg))]
+                finished = self.take(cfg)
+                if finished is None and self.enabled:
+                    preflight()
+                decision = [("finished", finished)]
             except UserError as e:
                 decision = [("refused", str(e))]
         if acc.num_processes > 1:

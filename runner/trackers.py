@@ -44,14 +44,23 @@ class MLflowRun:
     name = "mlflow"
     settings = "log.tracking_uri or MLFLOW_TRACKING_URI"
 
-    def __init__(self, cfg, run_dir, params: dict, stored: dict):
+    @staticmethod
+    def connect(cfg):
         for key, value in MLFLOW_PROMPT.items():
             os.environ.setdefault(key, value)
         from mlflow.tracking import MlflowClient
 
-        uri = cfg.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]  # one of them: checked with the config
-        self.client = MlflowClient(tracking_uri=uri)
-        self.uri = uri
+        # One of the two is set: checked with the config.
+        return MlflowClient(tracking_uri=cfg.tracking_uri or os.environ["MLFLOW_TRACKING_URI"])
+
+    @classmethod
+    def probe(cls, cfg) -> None:
+        """Raises if the server does not answer."""
+        cls.connect(cfg).search_experiments(max_results=1)
+
+    def __init__(self, cfg, run_dir, params: dict, stored: dict):
+        self.client = self.connect(cfg)
+        self.uri = self.client.tracking_uri
         if stored.get("run_id"):
             self.run_id = stored["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")  # fails if the run is gone from this server
@@ -96,6 +105,10 @@ class WandbRun:
     name = "wandb"
     settings = "log.project, log.entity and your W&B login (or WANDB_MODE=offline)"
 
+    @classmethod
+    def probe(cls, cfg) -> None:
+        """Nothing to ask before wandb.init: offline needs no server, and online, init is the check."""
+
     def __init__(self, cfg, run_dir, params: dict, stored: dict):
         import wandb
 
@@ -134,7 +147,33 @@ def check_installed(names: list[str]) -> list[str]:
     """The tracker packages named in log.trackers that are not installed (checked before anything starts)."""
     import importlib.util
 
-    return [n for n in names if n in OWN_TRACKERS and importlib.util.find_spec(n) is None]
+    return [n for n in own(names) if importlib.util.find_spec(n) is None]
+
+
+def unreachable(name: str, e: Exception) -> str:
+    return f"{name} cannot be reached or refused the run: {type(e).__name__}: {first_line(e)}"
+
+
+def refusal(name: str, e: Exception) -> str:
+    return (f"{unreachable(name, e)}; check {TRACKER_CLASSES[name].settings}, or set log.tracker_errors=warn to "
+            f"train without it")
+
+
+def own(names: list[str]) -> list[str]:
+    """The trackers of log.trackers driven here (the others through Accelerate)."""
+    return [name for name in names if name in OWN_TRACKERS]
+
+
+def probe(cfg) -> None:
+    """Main process, before anything in the run directory changes (run.overwrite deletes): a tracker that does
+    not answer is one line, exit 2, with the directory as it was (log.tracker_errors=warn: its start warns)."""
+    if cfg.tracker_errors == "warn":
+        return
+    for name in own(cfg.trackers):
+        try:
+            TRACKER_CLASSES[name].probe(cfg)
+        except Exception as e:  # noqa: BLE001  (whatever a tracker raises, the user gets one line)
+            raise UserError(refusal(name, e)) from None
 
 
 class Trackers:
@@ -148,18 +187,13 @@ class Trackers:
 
     def start(self, run_dir, params: dict) -> None:
         ids = read_ids(run_dir.path)
-        for name in self.cfg.trackers:
-            if name not in OWN_TRACKERS:
-                continue
-            kind = TRACKER_CLASSES[name]
+        for name in own(self.cfg.trackers):
             try:
-                tracker = kind(self.cfg, run_dir, params, ids.get(name) or {})
+                tracker = TRACKER_CLASSES[name](self.cfg, run_dir, params, ids.get(name) or {})
             except Exception as e:  # noqa: BLE001  (whatever a tracker raises, the user gets one line)
-                reason = f"{name} cannot be reached or refused the run: {type(e).__name__}: {first_line(e)}"
                 if self.cfg.tracker_errors != "warn":
-                    raise UserError(f"{reason}; check {kind.settings}, or set log.tracker_errors=warn to train "
-                                    f"without it") from None
-                self.give_up(name, f"{reason}; training goes on without it (log.tracker_errors=warn)")
+                    raise UserError(refusal(name, e)) from None
+                self.give_up(name, f"{unreachable(name, e)}; training goes on without it (log.tracker_errors=warn)")
                 continue
             ids[name] = tracker.ids()
             self.active.append(tracker)

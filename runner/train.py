@@ -53,6 +53,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
     from runner.memory import resume_micro_batch
     from runner.metrics import Validation
     from runner.throughput import Throughput, device_peak_flops
+    from runner.trackers import probe as probe_trackers
     from runner.tracking import RunLog, accelerate_trackers, check_trackers
 
     check_trackers(cfg.log, writes=run_dir.enabled)
@@ -60,7 +61,7 @@ def run(cfg: Config, plan: Plan, run_dir: RunDir, identity, started: float) -> i
         enable_debugging(run_dir.scratch("flight_recorder"), print if is_main_rank() else lambda _: None)
     acc = make_accelerator(cfg.dist, cfg.train.mixed_precision, plan.world, run_dir.path,
                            accelerate_trackers(cfg.log.trackers) if run_dir.enabled else [])
-    finished = run_dir.take_everywhere(cfg, acc)
+    finished = run_dir.take_everywhere(cfg, acc, preflight=lambda: probe_trackers(cfg.log))
     if finished is not None:  # running a finished run again changes nothing
         return print_finished(run_dir, finished)
     torch.manual_seed(cfg.train.seed)  # model init: the same weights on every rank and world size

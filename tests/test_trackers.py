@@ -201,6 +201,25 @@ def test_an_unreachable_tracker_is_one_line_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unreachable_tracker_refuses_before_an_overwrite_deletes_anything(tmp_path):
+    """resume=none run.overwrite=true deletes the run's checkpoints and records, but only for a run that
+    starts: with the tracker down the start is refused first, and the directory stays as it was."""
+    args = TRAIN + ["run.name=kept", "train.max_steps=4", "log.plot=false", f"run.root={tmp_path / 'runs'}"]
+    first = subprocess.run([PYTHON, str(REPO / "runner/train.py"), *args, "log.trackers=[]"], cwd=REPO,
+                           env=clean_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "kept"
+    before = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+    assert "summary.json" in before and any(p.startswith("checkpoints/step_") for p in before), before
+    nobody = env_for(tmp_path, f"http://127.0.0.1:{free_port()}")
+    again = subprocess.run([PYTHON, str(REPO / "runner/train.py"), *args, "resume=none", "run.overwrite=true"],
+                           cwd=REPO, env=nobody, capture_output=True, text=True, timeout=300)
+    lines = error_lines(again.stderr)
+    assert again.returncode == 2 and len(lines) == 1 and "mlflow cannot be reached" in lines[0], again.stderr
+    assert sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")) == before, "nothing deleted"
+
+
+@pytest.mark.slow
 def test_a_run_that_stops_on_an_error_marks_its_mlflow_run_failed(mlflow_server, tmp_path):
     """A non-finite loss ends the run with exit 2: its MLflow run is FAILED, not left RUNNING."""
     args = TRAIN + ["run.name=diverged", "optim.lr=1e38", "log.plot=false", f"run.root={tmp_path / 'runs'}"]
