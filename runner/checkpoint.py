@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runner.config import setting
 from runner.distributed import is_main_rank
-from runner.ema import EMA_FILE
+from runner.ema import EMA_FILE, EmaWeights
 from runner.errors import UserError, first_line, lost_another_rank
 from runner.rundir import FingerprintError, RunDir, check_fingerprint
 from runner.state import STATE_FILE, RunState, checkpoint_name, due
@@ -139,7 +139,7 @@ class Checkpointer:
     """Saves, finds and loads the run's checkpoints, and says when one is due. A run that writes nothing
     has a disabled one: never due, nothing to resume, nothing saved."""
 
-    def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log=print, ema=None):
+    def __init__(self, accelerator, run_dir: RunDir, cfg: CheckpointConfig, log, ema: EmaWeights):
         self.accelerator, self.cfg, self.log, self.ema = accelerator, cfg, log, ema
         self.run_dir, self.enabled, self.dir = run_dir, run_dir.enabled, run_dir.checkpoints
 
@@ -180,7 +180,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             acc.wait_for_everyone()
             acc.save_state(str(tmp))
-            if is_main_rank() and self.ema is not None:  # every rank holds the same average
+            if is_main_rank():  # every rank holds the same average
                 self.ema.save(tmp / EMA_FILE)
             acc.wait_for_everyone()
             if is_main_rank():
@@ -268,11 +268,10 @@ class Checkpointer:
             self.accelerator.load_state(str(path))
         except Exception as e:  # torch/safetensors raise many types for a bad file
             raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {first_line(e)}") from None
-        if self.ema is not None:  # the average goes on from where it was, never restarted from the weights
-            try:
-                self.ema.load(path / EMA_FILE)
-            except UserError as e:
-                raise CheckpointError(str(e)) from None
+        try:  # the average goes on from where it was, never restarted from the weights
+            self.ema.load(path / EMA_FILE)
+        except UserError as e:
+            raise CheckpointError(str(e)) from None
         return state
 
     def check_rng_state(self, path: Path) -> None:

@@ -32,16 +32,21 @@ def warmup_decay(decay: float, steps_before: int) -> float:
 
 class EmaWeights:
     """The average of `source`'s weights: a float32 copy of the model, built before it is wrapped or
-    compiled (so it has the plain forward), on the same device."""
+    compiled (so it has the plain forward), on the same device. With decay 0 (train.ema_decay off) it is
+    disabled: it holds no copy and averages, saves and loads nothing."""
 
-    def __init__(self, source: nn.Module, decay: float, device):
-        import torch
+    def __init__(self, source: nn.Module | None, decay: float, device):
+        self.source, self.decay, self.enabled = source, decay, decay > 0
+        self.module = None
+        if self.enabled:
+            import torch
 
-        self.source, self.decay = source, decay
-        self.module = copy.deepcopy(source).to(device=device, dtype=torch.float32).eval()
-        self.module.requires_grad_(False)
+            self.module = copy.deepcopy(source).to(device=device, dtype=torch.float32).eval()
+            self.module.requires_grad_(False)
 
     def update(self, steps_before: int) -> None:
+        if not self.enabled:
+            return
         import torch
 
         averaged, weights = [], []
@@ -55,13 +60,16 @@ class EmaWeights:
             torch._foreach_lerp_(averaged, weights, 1.0 - warmup_decay(self.decay, steps_before))
 
     def save(self, path: Path) -> None:
+        if not self.enabled:
+            return
         from safetensors.torch import save_model
 
         save_model(self.module, str(path))
 
     def load(self, path: Path) -> None:
         """Load averaged weights saved by `save` (the checkpoint was verified before)."""
-        load_into(self.module, path, "EMA weights")
+        if self.enabled:
+            load_into(self.module, path, "EMA weights")
 
 
 def load_into(module: nn.Module, path: Path, what: str) -> None:

@@ -53,11 +53,17 @@ def is_head(name: str, head: list[str]) -> bool:
 
 
 class Freezing:
-    """Which parameters and norm modules model.freeze holds fixed, and until which epoch (0: the whole run)."""
+    """Which parameters and norm modules model.freeze holds fixed, and until which epoch (0: the whole run).
+    Without model.freeze it is disabled: it freezes nothing and the header says nothing of it."""
 
     def __init__(self, model: nn.Module, entries: list[str], head: list[str] | None, until_epoch: int,
                  model_name: str):
         from torch.nn.modules.batchnorm import _NormBase
+
+        self.enabled, self.until_epoch, self.hooks, self.active = bool(entries), until_epoch, [], False
+        self.params, self.norms = [], []
+        if not self.enabled:
+            return
 
         def frozen(name: str) -> bool:
             return not is_head(name, head) if entries == [BACKBONE] else any(under(name, p) for p in entries)
@@ -74,20 +80,23 @@ class Freezing:
                             f"nothing would train")
         # A norm module under a frozen prefix keeps its statistics too (a prefix naming only its weight does not).
         self.norms = [m for n, m in model.named_modules() if n and isinstance(m, _NormBase) and frozen(n)]
-        self.until_epoch, self.hooks, self.active = until_epoch, [], False
         self.total = sum(p.numel() for p in model.parameters())
 
     def freeze(self) -> None:
+        if not self.enabled:
+            return
         for p in self.params:
             p.requires_grad_(False)
         self.hooks = [m.register_forward_pre_hook(keep_in_eval_mode) for m in self.norms]
         self.active = True
 
     def describe(self) -> str:
-        """For the header: how many parameters train, and for how long the others wait."""
+        """For the header, after the parameter count: how many train, and for how long the others wait."""
+        if not self.enabled:
+            return ""
         fixed = sum(p.numel() for p in self.params)
         until = f"until epoch {self.until_epoch + 1}" if self.until_epoch else "for the whole run"
-        return f"{self.total - fixed:,} train, {fixed:,} frozen {until}"
+        return f" ({self.total - fixed:,} train, {fixed:,} frozen {until})"
 
     def at_epoch(self, model, epoch: int, acc):
         """At the start of an epoch: unfreeze if it is time; returns the model to train (re-wrapped for DDP)."""
@@ -128,13 +137,11 @@ def freeze_entries(freeze: list[str] | str) -> list[str]:
 
 def fine_tuning(model: nn.Module, model_name: str, num_classes: int, freeze: list[str] | str, unfreeze_epoch: int,
                 backbone_lr_factor: float):
-    """(model.freeze applied, or None; the classifier head where the backbone is frozen or has its own lr)."""
+    """(model.freeze applied; the classifier head where the backbone is frozen or has its own lr)."""
     entries = freeze_entries(freeze)
     head = None
     if entries == [BACKBONE] or backbone_lr_factor != 1:
         head = classifier_head(model, num_classes, model_name)
-    if not entries:
-        return None, head
     freezing = Freezing(model, entries, head, unfreeze_epoch, model_name)
     freezing.freeze()
     return freezing, head

@@ -85,8 +85,8 @@ class Trainer:
     state: RunState
     speed: Throughput
     segment_started: float         # when this process started (time.time())
-    freezing: Freezing | None = None  # model.freeze, released at model.unfreeze_epoch
-    ema: EmaWeights | None = None     # the weights' moving average (train.ema_decay)
+    freezing: Freezing                # model.freeze, released at model.unfreeze_epoch
+    ema: EmaWeights                   # the weights' moving average (train.ema_decay)
     skipped_steps: int = 0
     train_loss: float = float("nan")
     stop: str | None = None
@@ -106,9 +106,9 @@ class Trainer:
         self.speed.start()
         while self.stop is None and not self.ctx.plan.finished(state):
             plan = self.ctx.plan  # a micro batch that ran out of memory changes it (runner/memory.py)
-            if self.freezing is not None:  # at every epoch start, the first after a resume too
-                # An unfreeze wraps the model anew (DDP): the memory guard must drive the new wrapper.
-                self.model = self.memory.model = self.freezing.at_epoch(self.model, state.epoch, self.ctx.acc)
+            # At every epoch start, the first after a resume too. An unfreeze wraps the model anew (DDP): the
+            # memory guard must drive the new wrapper.
+            self.model = self.memory.model = self.freezing.at_epoch(self.model, state.epoch, self.ctx.acc)
             window_loss, micro = None, 0  # the accumulation window's summed micro-batch losses
             data_started = time.perf_counter()
             for x, y in self.batches.train_epoch(state.epoch, state.step_in_epoch):
@@ -177,8 +177,7 @@ class Trainer:
             self.skipped_steps += 1
         else:
             self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(state.global_step)
+        self.ema.update(state.global_step)
         epoch_done = state.advance(plan.steps_per_epoch)
         self.speed.add_step(plan.global_batch // plan.world)
         self.agreement.start(state.global_step, window_loss, preemption.stop_requested())
@@ -226,7 +225,8 @@ class Trainer:
         metrics = self.validation.held_out(self.model, state.global_step)
         split = self.validation.split_name
         log.event(state.global_step, state.epoch, split, metrics)
-        averaged = f" | ema accuracy {metrics['ema_accuracy']:.4f} loss {metrics['ema_loss']:.4f}" if self.ema else ""
+        averaged = (f" | ema accuracy {metrics['ema_accuracy']:.4f} loss {metrics['ema_loss']:.4f}"
+                    if "ema_accuracy" in metrics else "")
         log.info(f"{split} step {state.global_step}: accuracy {metrics['accuracy']:.4f} "
                  f"loss {metrics['loss']:.4f} f1 {metrics['f1']:.4f}{averaged}")
         improved = state.record_eval(metrics[cfg.eval.monitor], cfg.eval.mode, cfg.eval.min_delta,

@@ -58,7 +58,7 @@ class Validation:
     """Evaluation of a run: on the held-out split when it is due, and on any split at the end. The
     torchmetrics evaluator is built at the first evaluation: torchmetrics takes seconds to import."""
 
-    def __init__(self, cfg: EvalConfig, ctx, batches, splits, ema=None):
+    def __init__(self, cfg: EvalConfig, ctx, batches, splits, ema):
         self.cfg, self.acc, self.plan, self.batches, self.ema = cfg, ctx.acc, ctx.plan, batches, ema
         self.split, self.split_name = splits.eval, splits.eval_split
         self.num_classes, self.class_names = splits.num_classes, splits.class_names
@@ -81,7 +81,7 @@ class Validation:
         if self.evaluator is None:
             self.evaluator = Evaluator(self.num_classes, self.acc.device)
         metrics = self.evaluate_weights(model, split)
-        if self.ema is not None:
+        if self.ema.enabled:
             averaged = self.evaluate_weights(self.ema.module, split)
             metrics.update({f"ema_{name}": averaged[name] for name in METRICS})
         return metrics

@@ -130,7 +130,7 @@ def build_training(ctx: RunContext, splits):
     if cfg.model.sync_batchnorm and plan.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # The average starts from the initial weights, a plain float32 copy made before any wrapper.
-    ema = EmaWeights(model, cfg.train.ema_decay, ctx.acc.device) if cfg.train.ema_decay else None
+    ema = EmaWeights(model, cfg.train.ema_decay, ctx.acc.device)
     freezing, head = fine_tuning(model, cfg.model.name, splits.num_classes, cfg.model.freeze, cfg.model.unfreeze_epoch,
                                  cfg.optim.backbone_lr_factor)
     optimizer = build_optimizer(model, cfg.optim, head)
@@ -182,7 +182,7 @@ def announce(ctx: RunContext, splits, model, flops: float, freezing) -> None:
              f"{plan.world} = global {plan.global_batch}\n"
              f"data {cfg.data.name} ({cfg.data.loader} path{', ' + splits.description if splits.description else ''}"
              f"): train {len(splits.train)}, {splits.eval_split} {len(splits.eval)}{test} | model {cfg.model.name}: "
-             f"{parameter_count(model):,} parameters{f' ({freezing.describe()})' if freezing else ''}, "
+             f"{parameter_count(model):,} parameters{freezing.describe()}, "
              f"{flops / 1e6:.2f} MFLOP/sample (fwd+bwd) | {plan.total_steps} steps | peak memory so far "
              f"{format_peaks(peak_memory_per_rank(ctx.acc.device))}")
     advice = communication_note(plan.world, flops * plan.micro_batch, parameter_count(model), ctx.acc.device)

@@ -247,12 +247,14 @@ def test_a_pruned_checkpoint_is_never_left_half_removed(tmp_path, monkeypatch):
     """keep_last prunes the oldest checkpoint; a kill in the middle of its removal (here: the removal stops
     after its first file) must leave every step_N whole, and the remains a temporary the next start removes."""
     from runner.checkpoint import CheckpointConfig, Checkpointer
+    from runner.ema import EmaWeights
     from runner.rundir import RunDir
 
     run_dir = RunDir(tmp_path / "run", {}, {})
     for step in (2, 4, 6):
         write_checkpoint(run_dir.checkpoints / f"step_{step:08d}")
-    checkpointer = Checkpointer(None, run_dir, CheckpointConfig(keep_last=2, keep_best=False))
+    checkpointer = Checkpointer(None, run_dir, CheckpointConfig(keep_last=2, keep_best=False), print,
+                                EmaWeights(None, 0.0, None))
 
     def killed_half_way(path, ignore_errors=False):
         next(p for p in sorted(Path(path).iterdir()) if p.name == MANIFEST).unlink()

@@ -16,6 +16,7 @@ import pytest
 
 from runner.errors import UserError
 from runner.checkpoint import CheckpointConfig, Checkpointer
+from runner.ema import EmaWeights
 from runner.plan import Config
 from runner.rundir import RunConfig, RunDir, RunLock
 
@@ -241,7 +242,8 @@ def test_a_run_that_writes_nothing_has_a_disabled_run_directory(tmp_path):
     run_dir.claim("auto", False, False)
     run_dir.write("summary.json", "{}")
     run_dir.release()
-    checkpoints = Checkpointer(None, run_dir, CheckpointConfig(every_steps=1, every_epochs=1))
+    no_ema = EmaWeights(None, 0.0, None)
+    checkpoints = Checkpointer(None, run_dir, CheckpointConfig(every_steps=1, every_epochs=1), print, no_ema)
     assert not any(checkpoints.due(step, 1, True) for step in range(1, 5))
     assert checkpoints.resume("auto") is None and checkpoints.complete() == []
     assert not (tmp_path / "runs").exists()
@@ -249,7 +251,7 @@ def test_a_run_that_writes_nothing_has_a_disabled_run_directory(tmp_path):
     written.claim("auto", False, False)
     written.write("summary.json", "{}")
     assert (tmp_path / "runs" / "digits" / "summary.json").read_text() == "{}"
-    assert Checkpointer(None, written, CheckpointConfig(every_steps=2, every_epochs=0)).due(4, 0, False)
+    assert Checkpointer(None, written, CheckpointConfig(every_steps=2, every_epochs=0), print, no_ema).due(4, 0, False)
     written.release()
 
 
