@@ -30,8 +30,9 @@ from pathlib import Path
 STARTED = time.monotonic()  # --timeout counts from here, before the slow imports
 MAX_TIMEOUT_S = 7 * 24 * 3600
 # Rank 0 that took longer than a short --timeout to import torch still hosts the check-in and waits this long
-# for the other ranks, so that it names the ranks that did not join; its start-up may overrun by the grace.
-LATE_JOIN_WAIT_S, STARTUP_GRACE_S = 2.0, 10.0
+# for the other ranks, so that it names the ranks that did not join; its start-up may overrun by the grace
+# (importing torch took up to 8 s on a loaded 2-core machine; only a rank 0 stuck for longer blames itself).
+LATE_JOIN_WAIT_S, STARTUP_GRACE_S = 2.0, 30.0
 
 if __package__ in (None, ""):  # run as a script: import this repo's packages, not runner/*.py as top level
     sys.path[0] = str(Path(__file__).resolve().parent.parent)

@@ -20,7 +20,7 @@ import sys
 import time
 
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # installed in this order: SIGUSR1 last
 
 
 received: int | None = None  # the first SIGUSR1/SIGTERM/SIGINT, if any

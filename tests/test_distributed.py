@@ -327,7 +327,7 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
     """torchrun --max-restarts 1: SIGKILL a worker after a checkpoint exists; the group restarts, resumes
     and completes."""
     run_dir = tmp_path / "runs" / "elastic"
-    total = 400
+    total = 1000  # steps of ~4 ms: seconds between the first checkpoint and the last, for the kill to land
     # torch 2.15's agent keeps ONE TCPStore for the workers across restarts, with no per-attempt prefix, so a
     # restarted rank can read the dead attempt's gloo addresses ("Gloo connectFullMesh failed ... Connection
     # refused"; pytorch/pytorch#167288 is the NCCL twin). c10d rendezvous with the store sharing switched off
@@ -341,11 +341,15 @@ def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
         "checkpoint.every_steps=50", "checkpoint.every_epochs=0", "log.every_steps=50", "dist.timeout_s=30",
         "run.name=elastic", f"run.root={tmp_path / 'runs'}", *QUIET_LINES], tmp_path, env)
     try:
+        ranks = [launch.worker(0), launch.worker(1)]
         launch.wait_for(lambda: bool(checkpoints(run_dir)), 240, "a first checkpoint")
+        for rank in ranks:  # held still, so that the kill lands before the run's last checkpoint
+            rank.send_signal(signal.SIGSTOP)
         assert not (run_dir / "summary.json").exists()
         before = int(checkpoints(run_dir)[-1].name.split("_")[1])
         assert before < total, "the run finished before the kill: make it longer"
-        launch.worker(1).kill()
+        ranks[1].kill()
+        ranks[0].send_signal(signal.SIGCONT)
         rc = launch.wait(300)
         assert rc == 0, f"launch ended with {rc}\n{launch.tail(120)}"
     finally:

@@ -149,7 +149,7 @@ def test_sweep_as_slurm_array_with_a_preempted_task_then_compare(slurm_cluster, 
     try:
         task_job = f"{job}_{PREEMPTED_TASK}"
         signalled_at = wait_and_preempt(cluster, task_job, tmp_path / "runs" / names[PREEMPTED_TASK])
-        cluster.wait(job, timeout=420)
+        cluster.wait(job, timeout=600)
     finally:
         subprocess.run(["scancel", job], env=cluster.env(), capture_output=True, timeout=30)
     outputs = {i: (tmp_path / f"slurm-{job}_{i}.out").read_text(errors="replace") for i in range(3)}

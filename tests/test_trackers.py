@@ -44,7 +44,7 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
              "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + 180  # 28-57 s measured on a loaded 2-core machine
+        deadline = time.time() + 300  # 28-57 s measured on a loaded 2-core machine
         while time.time() < deadline:
             assert self.proc.poll() is None, (self.root / "server.log").read_text()[-3000:]
             try:
@@ -53,7 +53,7 @@ class MlflowServer:
                         return
             except OSError:
                 time.sleep(0.3)
-        raise AssertionError(f"mlflow server not ready in 180 s\n{(self.root / 'server.log').read_text()[-3000:]}")
+        raise AssertionError(f"mlflow server not ready in 300 s\n{(self.root / 'server.log').read_text()[-3000:]}")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -83,7 +83,10 @@ def mlflow_server(server_process):
 
 
 def env_for(tmp_path: Path, uri: str, **extra) -> dict:
-    return clean_env(tmp_path, MLFLOW_TRACKING_URI=uri, HOME=tmp_path / "home", **extra)
+    # The one-worker SQLite server may stall for seconds on a loaded machine; the runner's own 10 s limit
+    # (for servers that hang) would then give the tracker up. A refused connection still fails at once.
+    return clean_env(tmp_path, MLFLOW_TRACKING_URI=uri, HOME=tmp_path / "home", MLFLOW_HTTP_REQUEST_TIMEOUT=60,
+                     **extra)
 
 
 def the_run(server: MlflowServer, run_name: str):
