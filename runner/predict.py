@@ -32,7 +32,7 @@ from runner.errors import UserError  # noqa: E402
 
 def image_files(args: list[str]) -> list[Path]:
     """The files named, and the image files under the folders named, in order; a missing path is an error."""
-    from runner.data.folder import image_suffixes
+    from runner.data.images import image_suffixes
 
     if not args:
         raise UserError("no images given: name image files or folders after --checkpoint PATH")
@@ -66,7 +66,7 @@ def predict(model, files: list[Path], card: dict, top: int, batch_size: int):
     """Yields (path, [(class, probability), ...]) per file, most likely first."""
     import torch
 
-    from runner.data.folder import decode_image
+    from runner.data.images import decode_image
 
     channels, size = card["in_shape"][0], tuple(card["in_shape"][1:])
     mean = torch.tensor(card["mean"]).view(1, -1, 1, 1)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from runner.errors import clip
 
 if TYPE_CHECKING:
-    from runner.data.folder import FolderScan
+    from runner.data.folder_scan import FolderScan
     from runner.data.splits import DataConfig
 
 KEY = "data.identity"  # its key in a run's fingerprint
@@ -36,10 +36,10 @@ class DataIdentity:
 
 def data_identity(cfg: DataConfig) -> DataIdentity:
     if cfg.name == "folder":
-        from runner.data import folder
+        from runner.data import folder_scan
 
-        found = folder.scan(Path(cfg.root))
-        return DataIdentity(folder.identity(found), found)
+        found = folder_scan.scan(Path(cfg.root))
+        return DataIdentity(folder_scan.identity(found), found)
     if cfg.name in ("mnist", "fashion_mnist", "cifar10"):
         from runner.data.datasets import dataset_files
         from runner.yaml_files import not_a_regular_file

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
     from runner.data.datasets import ImageSet
-    from runner.data.folder import FolderScan, FolderSettings
+    from runner.data.folder_cache import FolderSettings
+    from runner.data.folder_scan import FolderScan
 
 NAMES = ["digits", "mnist", "fashion_mnist", "cifar10", "synthetic", "folder"]
 CARD = "data.json"  # what a run records of its data: see data_card
@@ -179,7 +180,7 @@ def normalisation(cfg: DataConfig, defaults: dict, channels: int) -> tuple[tuple
 
 
 def folder_settings(cfg: DataConfig, image_size: list[int] | None = None) -> FolderSettings:
-    from runner.data.folder import FolderSettings
+    from runner.data.folder_cache import FolderSettings
 
     size = image_size if image_size is not None else cfg.image_size
     return FolderSettings(cfg.root, tuple(size), cfg.channels, cfg.skip_bad_images, cfg.cache_dir)
