@@ -1,7 +1,7 @@
-"""Datasets and data files (runner/data.py, runner/datasets.py, runner/batches.py): reading the real on-disk
-formats, the two data paths, augmentation, and bad or untrusted data files: missing, truncated, wrong
-magic numbers, crafted pickles, files that are not regular files, IDX headers that declare nothing, a
-`processed/` folder planted beside the checked MNIST files.
+"""Datasets and data files (runner/data/splits.py, runner/data/datasets.py, runner/data/batches.py): reading
+the real on-disk formats, the two data paths, augmentation, and bad or untrusted data files: missing,
+truncated, wrong magic numbers, crafted pickles, files that are not regular files, IDX headers that declare
+nothing, a `processed/` folder planted beside the checked MNIST files.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Image folders (runner/folder.py, runner/prepare_data.py): classes, sizes and channels, the cache, the
-lazy torchvision path, and bad folders.
+"""Image folders (runner/data/folder.py and its scan, decoding and cache; runner/prepare_data.py): classes,
+sizes and channels, the cache, the lazy torchvision path, and bad folders.
 """
 from __future__ import annotations
 

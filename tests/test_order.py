@@ -1,4 +1,4 @@
-"""Which samples each step sees (runner/order.py): the global order, shards and per-sample random bits are
+"""Which samples each step sees (runner/data/order.py): the global order, shards and per-sample random bits are
 pure functions of (seed, epoch, sample index), the same on any world size.
 """
 from __future__ import annotations
