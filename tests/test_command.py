@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -68,17 +69,20 @@ def test_runner_train_trains_and_errors_are_the_commands_own(tmp_path):
 def test_error_lines_from_ranks_printing_at_once_never_run_together(tmp_path):
     """Every rank of a launch may report the same bad setting at the same moment into one unbuffered stream
     (launchers set PYTHONUNBUFFERED): each line must arrive whole."""
-    script = ("import sys; from runner.cli import say_error\n"
-              "for i in range(300): say_error('x' * 200 + f' {i}', sys.argv[1])\n")
+    # Both start writing at the same moment (a time given to both), so that their writes overlap.
+    script = ("import sys, time; from runner.cli import say_error\n"
+              "while time.time() < float(sys.argv[2]): pass\n"
+              "for i in range(3000): say_error('x' * 200 + f' {i}', sys.argv[1])\n")
     env = {**clean_env(tmp_path), "PYTHONUNBUFFERED": "1"}
     # Both write into one pipe, as the ranks of a launch share the launcher's stderr.
     read, write = os.pipe()
-    writers = [subprocess.Popen([PYTHON, "-c", script, str(rank)], cwd=REPO, env=env, stderr=write)
+    start = str(time.time() + 2)
+    writers = [subprocess.Popen([PYTHON, "-c", script, str(rank), start], cwd=REPO, env=env, stderr=write)
                for rank in (0, 1)]
     os.close(write)
     with open(read, "rb") as stream:
         lines = stream.read().decode().splitlines()
     assert all(w.wait(60) == 0 for w in writers)
     pattern = re.compile(r"error: (\[rank 1\] )?x{200} \d+")
-    assert len(lines) == 600 and all(pattern.fullmatch(line) for line in lines), \
+    assert len(lines) == 6000 and all(pattern.fullmatch(line) for line in lines), \
         [line for line in lines if not pattern.fullmatch(line)][:3]
