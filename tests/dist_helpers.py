@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.util import BIN, REPO, clean_env, free_port, read_jsonl
+from tests.util import BIN, REPO, clean_env, free_port, records_so_far
 
 LAUNCH = REPO / "launch"
 ACCELERATE = str(BIN / "accelerate")
@@ -138,7 +138,5 @@ def error_lines(text: str) -> list[str]:
 
 def wait_for_train_record(run_dir: Path, launch: Background, timeout: float = 240) -> None:
     """Wait until the launch's metrics.jsonl holds a training step."""
-    def training():
-        path = run_dir / "metrics.jsonl"
-        return path.exists() and any(r["split"] == "train" for r in read_jsonl(path))
-    launch.wait_for(training, timeout, "a training step")
+    launch.wait_for(lambda: any(r["split"] == "train" for r in records_so_far(run_dir)), timeout,
+                    "a training step")

@@ -4,7 +4,6 @@ moment resumes; every resume ends bit-identical to an uninterrupted run.
 """
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -17,7 +16,7 @@ from runner import preemption
 
 from tests.dist_helpers import Background, accelerate_config, checkpoints, wait_for_train_record
 from tests.util import (COMMON, DIGITS, PYTHON, QUIET_LINES, REPO, assert_identical, assert_time_is_continuous,
-                        clean_env, final_weights, ok, read_jsonl, run_train, torchrun)
+                        clean_env, final_weights, ok, read_jsonl, records_so_far, run_train, torchrun)
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -48,19 +47,8 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout=120, poll: float = 0.0
 
 
 def train_steps(run_dir: Path) -> list[int]:
-    """The optimizer steps metrics.jsonl has logged so far (a line being written is not read yet)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    steps = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if record["split"] == "train":
-            steps.append(record["step"])
-    return steps
+    """The optimizer steps metrics.jsonl has logged so far."""
+    return [r["step"] for r in records_so_far(run_dir) if r["split"] == "train"]
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
-from tests.util import BIN, REPO, clean_env, read_jsonl, summary
+from tests.util import BIN, REPO, clean_env, read_jsonl, records_so_far, summary
 
 pytestmark = pytest.mark.slurm
 
@@ -93,18 +93,8 @@ def gpu_env(cluster, tmp: Path, n: int) -> dict:
 
 def metrics_step(run_dir: Path) -> tuple[int, int]:
     """(step, epoch) of the newest train record in metrics.jsonl, (0, 0) before the first."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0, 0
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except ValueError:  # being written
-            continue
-        if record.get("split") == "train":
-            return record["step"], record["epoch"]
-    return 0, 0
+    train = [r for r in records_so_far(run_dir) if r.get("split") == "train"]
+    return (train[-1]["step"], train[-1]["epoch"]) if train else (0, 0)
 
 
 @pytest.fixture(scope="module")

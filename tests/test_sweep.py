@@ -6,7 +6,6 @@ comparison of those runs is checked at the end of each.
 """
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess
@@ -18,7 +17,8 @@ import yaml
 
 from tests.dist_helpers import error_lines
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
-from tests.util import COMPARE, REPO, SWEEP, clean_env, ok, read_jsonl, run_tool, summary, table_rows
+from tests.util import (COMPARE, REPO, SWEEP, clean_env, ok, read_jsonl, records_so_far, run_tool, summary,
+                        table_rows)
 
 
 TINY = ["--config", "digits", "train.epochs=1", "train.limit_train_steps=3", "log.trackers=[]", "log.plot=false",
@@ -39,18 +39,7 @@ PREEMPTED_TASK = 1
 
 
 def first_train_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("split") == "train":
-            return record["step"]
-    return 0
+    return next((r["step"] for r in records_so_far(run_dir) if r.get("split") == "train"), 0)
 
 
 def wait_and_preempt(cluster, task_job: str, run_dir: Path, timeout: float = 180) -> int:

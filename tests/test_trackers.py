@@ -18,8 +18,8 @@ import yaml
 
 from runner.config import flatten
 from runner.plot import resume_steps
-from tests.dist_helpers import Background, error_lines, torchrun
-from tests.util import BIN, PYTHON, REPO, clean_env, free_port, read_jsonl
+from tests.dist_helpers import Background, checkpoints, error_lines, torchrun
+from tests.util import BIN, PYTHON, REPO, clean_env, free_port, read_jsonl, records_so_far
 
 # 1295 training samples / global batch 16 = 80 steps per epoch; a checkpoint every 20 steps.
 TRAIN = ["--config", "digits", "train.epochs=1", "train.global_batch_size=16", "checkpoint.every_steps=20",
@@ -103,24 +103,13 @@ def start(args: list[str], tmp_path: Path, env: dict, launcher: list[str] | None
                                                 f"run.root={tmp_path / 'runs'}"], tmp_path, env)
 
 
-def records_so_far(run_dir: Path) -> list[dict]:
-    """metrics.jsonl while a run writes it (a line being written is left out)."""
-    path = run_dir / "metrics.jsonl"
-    records = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return records
-
-
 def logged_step(run_dir: Path) -> int:
     return max((r["step"] for r in records_so_far(run_dir)), default=0)
 
 
 def newest_checkpoint(run_dir: Path) -> int:
-    return max((int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")), default=0)
+    saved = checkpoints(run_dir)
+    return int(saved[-1].name.split("_")[1]) if saved else 0
 
 
 def unsaved_train_point(run_dir: Path, after: int) -> bool:
